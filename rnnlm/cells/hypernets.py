@@ -1,0 +1,136 @@
+"""HyperLSTM (Ha, Dai, Le 2016, arXiv 1609.09106, section 3.2 and appendix A.2.3).
+
+A small hyper-LSTM reads [x_t; h_{t-1}] and emits embeddings z that scale the main LSTM's weight
+rows, gate by gate, at every step:
+
+    ĥ_t, ĉ_t = HyperLSTM([x_t; h_{t-1}], (ĥ_{t-1}, ĉ_{t-1}))
+    z_h = W_ĥh ĥ_t + b_ĥh;   z_x = W_ĥx ĥ_t + b_ĥx;   z_b = W_ĥb ĥ_t        # N_z per gate
+    for each gate y in {i, g, f, o}:
+        d_h = W_hz z_h;   d_x = W_xz z_x;   b = W_bz z_b + b_0
+        y = LN_y(d_h ⊙ (W_h h_{t-1}) + d_x ⊙ (W_x x_t) + b)
+    c_t = σ(f) ⊙ c_{t-1} + σ(i) ⊙ drop_c(tanh(g))
+    h_t = σ(o) ⊙ tanh(LN_c(c_t))
+
+z uses ĥ_t (the authors' code), not ĥ_{t-1} (the paper's text); see ../shared/ANCHORS.md.
+Initialisation as in the paper's appendix: hyper cell orthogonal with zero biases; W_ĥh, W_ĥx
+zero with biases 1; W_ĥb N(0, 0.01); W_hz, W_xz constant 0.1 / N_z; W_bz and b_0 zero; W_h and
+W_x orthogonal.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rnnlm.cells.base import CandidateDropout, GateLayerNorm, SequenceDropout, orthogonal_blocks_, zeros_state
+from rnnlm.cells.lstm import LSTMCell, LSTMState
+
+
+class HyperState(NamedTuple):
+    h: Tensor  # (B, H)    main cell output
+    c: Tensor  # (B, H)    main cell memory
+    hyper_h: Tensor  # (B, N_hyper)
+    hyper_c: Tensor  # (B, N_hyper)
+
+
+class HyperLSTMCell(nn.Module):
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        *,
+        hyper_size: int = 64,
+        hyper_embed: int = 4,
+        layer_norm: bool = False,
+        dropout_recurrent: float = 0.0,
+        recurrent_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.input_size, self.hidden_size = input_size, hidden_size
+        self.hyper_size, self.hyper_embed = hyper_size, hyper_embed
+        H, Nz = hidden_size, hyper_embed
+        self.hyper = LSTMCell(
+            input_size + hidden_size,
+            hyper_size,
+            layer_norm=layer_norm,
+            dropout_recurrent=dropout_recurrent,
+            recurrent_dropout=recurrent_dropout,
+        )
+        self.z_h = nn.Linear(hyper_size, 4 * Nz)  # W_ĥh, b_ĥh
+        self.z_x = nn.Linear(hyper_size, 4 * Nz)  # W_ĥx, b_ĥx
+        self.z_b = nn.Linear(hyper_size, 4 * Nz, bias=False)  # W_ĥb
+        self.d_h = nn.Parameter(torch.full((4, Nz, H), 0.1 / Nz))  # W_hz, one (N_z -> H) map per gate
+        self.d_x = nn.Parameter(torch.full((4, Nz, H), 0.1 / Nz))  # W_xz
+        self.d_b = nn.Parameter(torch.zeros(4, Nz, H))  # W_bz
+        self.bias = nn.Parameter(torch.zeros(4, H))  # b_0
+        self.input_proj = nn.Linear(input_size, 4 * H, bias=False)  # W_x
+        self.hidden_proj = nn.Linear(H, 4 * H, bias=False)  # W_h
+        self.gate_norm = GateLayerNorm(4, H) if layer_norm else None
+        self.cell_norm = GateLayerNorm(1, H) if layer_norm else None
+        self.state_dropout = SequenceDropout(dropout_recurrent)
+        self.candidate_dropout = CandidateDropout(recurrent_dropout)
+        with torch.no_grad():
+            orthogonal_blocks_(self.hyper.input_proj.weight, 4)
+            orthogonal_blocks_(self.hyper.hidden_proj.weight, 4)
+            self.hyper.input_proj.bias.zero_()
+            for z in (self.z_h, self.z_x):
+                z.weight.zero_()
+                z.bias.fill_(1.0)
+            self.z_b.weight.normal_(0.0, 0.01)
+            orthogonal_blocks_(self.input_proj.weight, 4)
+            orthogonal_blocks_(self.hidden_proj.weight, 4)
+
+    def init_state(self, batch: int, device: torch.device | str | None = None) -> HyperState:
+        sizes = {"h": self.hidden_size, "c": self.hidden_size, "hyper_h": self.hyper_size, "hyper_c": self.hyper_size}
+        return zeros_state(HyperState, batch, sizes, device)
+
+    def reset_dropout(self, batch: int, device: torch.device | str | None = None) -> None:
+        self.state_dropout.draw(batch, self.hidden_size, device)
+        self.hyper.reset_dropout(batch, device)
+
+    def _scale(self, z: Tensor, d: Tensor) -> Tensor:
+        """(B, 4 * N_z) embeddings through the per-gate maps d (4, N_z, H) -> (B, 4, H)."""
+        z = z.reshape(z.shape[0], 4, self.hyper_embed)  # (B, 4, N_z)
+        return torch.einsum("bgz,gzh->bgh", z, d)
+
+    def step(self, px: Tensor, hx: Tensor, state: HyperState) -> tuple[Tensor, HyperState]:
+        """One step from hoisted input projections: px = W_x x (B, 4H) and hx = the hyper cell's
+        input projection of x with its bias (B, 4 N_hyper)."""
+        B, H = px.shape[0], self.hidden_size
+        h_prev = self.state_dropout(state.h)
+        # The hyper cell's input is [x; h]: its x part is hoisted, its h part is added here.
+        w_hyper_h = self.hyper.input_proj.weight[:, self.input_size :]
+        hyper_px = hx + F.linear(h_prev, w_hyper_h)
+        hyper_out, hyper_state = self.hyper.step(hyper_px, LSTMState(state.hyper_h, state.hyper_c))
+        d_h = self._scale(self.z_h(hyper_out), self.d_h)  # (B, 4, H)
+        d_x = self._scale(self.z_x(hyper_out), self.d_x)
+        b = self._scale(self.z_b(hyper_out), self.d_b) + self.bias
+        wh = self.hidden_proj(h_prev).reshape(B, 4, H)
+        gates = (d_h * wh + d_x * px.reshape(B, 4, H) + b).reshape(B, 4 * H)
+        if self.gate_norm is not None:
+            gates = self.gate_norm(gates)
+        i, g, f, o = gates.chunk(4, dim=-1)
+        c = torch.sigmoid(f) * state.c + torch.sigmoid(i) * self.candidate_dropout(torch.tanh(g))
+        c_out = self.cell_norm(c) if self.cell_norm is not None else c
+        h = torch.sigmoid(o) * torch.tanh(c_out)
+        return h, HyperState(h, c, hyper_state.h, hyper_state.c)
+
+    def _hoist(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        w_hyper_x = self.hyper.input_proj.weight[:, : self.input_size]
+        return self.input_proj(x), F.linear(x, w_hyper_x, self.hyper.input_proj.bias)
+
+    def forward(self, x: Tensor, state: HyperState) -> tuple[Tensor, HyperState]:
+        """One time step: x (B, I) -> h (B, H)."""
+        px, hx = self._hoist(x)
+        return self.step(px, hx, state)
+
+    def sequence(self, xs: Tensor, state: HyperState) -> tuple[Tensor, HyperState]:
+        pxs, hxs = self._hoist(xs)  # (T, B, 4H), (T, B, 4 N_hyper): one product each for all steps
+        outputs = []
+        for px, hx in zip(pxs, hxs, strict=True):
+            h, state = self.step(px, hx, state)
+            outputs.append(h)
+        return torch.stack(outputs), state  # (T, B, H)

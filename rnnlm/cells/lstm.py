@@ -1,0 +1,77 @@
+"""LSTM baseline (Hochreiter & Schmidhuber 1997; Zaremba et al. 2014 for the PTB setting).
+
+    i, f, g, o = split(LN(W_x x_t + b + W_h drop_h(h_{t-1})))      # LN in the layer-norm variant only
+    c_t = σ(f) ⊙ c_{t-1} + σ(i) ⊙ drop_c(tanh(g))                   # drop_c: Semeniuta recurrent dropout
+    h_t = σ(o) ⊙ tanh(LN_c(c_t))
+
+drop_h is variational (one mask per sequence, Gal & Ghahramani 2016). Weights start uniform in
+±init_scale (Zaremba et al.).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from rnnlm.cells.base import CandidateDropout, GateLayerNorm, SequenceDropout, zeros_state
+
+
+class LSTMState(NamedTuple):
+    h: Tensor  # (B, H)
+    c: Tensor  # (B, H)
+
+
+class LSTMCell(nn.Module):
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        *,
+        layer_norm: bool = False,
+        dropout_recurrent: float = 0.0,
+        recurrent_dropout: float = 0.0,
+        init_scale: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.input_size, self.hidden_size = input_size, hidden_size
+        self.input_proj = nn.Linear(input_size, 4 * hidden_size)  # W_x and b, hoisted over time
+        self.hidden_proj = nn.Linear(hidden_size, 4 * hidden_size, bias=False)  # W_h
+        self.gate_norm = GateLayerNorm(4, hidden_size) if layer_norm else None
+        self.cell_norm = GateLayerNorm(1, hidden_size) if layer_norm else None
+        self.state_dropout = SequenceDropout(dropout_recurrent)
+        self.candidate_dropout = CandidateDropout(recurrent_dropout)
+        with torch.no_grad():
+            for w in (self.input_proj.weight, self.input_proj.bias, self.hidden_proj.weight):
+                w.uniform_(-init_scale, init_scale)
+
+    def init_state(self, batch: int, device: torch.device | str | None = None) -> LSTMState:
+        return zeros_state(LSTMState, batch, {"h": self.hidden_size, "c": self.hidden_size}, device)
+
+    def reset_dropout(self, batch: int, device: torch.device | str | None = None) -> None:
+        self.state_dropout.draw(batch, self.hidden_size, device)
+
+    def step(self, px: Tensor, state: LSTMState) -> tuple[Tensor, LSTMState]:
+        """One step from the precomputed input projection px = W_x x_t + b: (B, 4H)."""
+        gates = px + self.hidden_proj(self.state_dropout(state.h))  # (B, 4H)
+        if self.gate_norm is not None:
+            gates = self.gate_norm(gates)
+        i, f, g, o = gates.chunk(4, dim=-1)
+        c = torch.sigmoid(f) * state.c + torch.sigmoid(i) * self.candidate_dropout(torch.tanh(g))
+        c_out = self.cell_norm(c) if self.cell_norm is not None else c
+        h = torch.sigmoid(o) * torch.tanh(c_out)
+        return h, LSTMState(h, c)
+
+    def forward(self, x: Tensor, state: LSTMState) -> tuple[Tensor, LSTMState]:
+        """One time step: x (B, I) -> h (B, H)."""
+        return self.step(self.input_proj(x), state)
+
+    def sequence(self, xs: Tensor, state: LSTMState) -> tuple[Tensor, LSTMState]:
+        """All steps of xs (T, B, I); the input projection is one matrix product for all of them."""
+        pxs = self.input_proj(xs)  # (T, B, 4H)
+        outputs = []
+        for px in pxs:
+            h, state = self.step(px, state)
+            outputs.append(h)
+        return torch.stack(outputs), state  # (T, B, H)

@@ -1,0 +1,98 @@
+"""Recurrent Highway Network (Zilly, Srivastava, Koutník, Schmidhuber 2016, arXiv 1607.03474).
+
+One layer of recurrence depth L; x enters only the first micro-layer:
+
+    s_0 = s_L of the previous time step
+    for l = 1..L:
+        h_l = tanh(W_H x·[l=1] + R_H,l drop_l(s_{l-1}) + b_H,l)
+        t_l = σ(W_T x·[l=1] + R_T,l drop_l(s_{l-1}) + b_T,l)
+        s_l = drop_c(h_l) ⊙ t_l + s_{l-1} ⊙ (1 - t_l)       # coupled carry gate c = 1 - t
+    y = s_L
+
+drop_l is variational (one mask per sequence for each micro-layer), drop_c the recurrent dropout
+of Semeniuta et al. on the candidate. Weights uniform ±init_scale (0.04 in the paper), transform
+biases b_T = -2 so that the cell starts out carrying its state.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from rnnlm.cells.base import CandidateDropout, GateLayerNorm, SequenceDropout, zeros_state
+
+
+class RHNState(NamedTuple):
+    s: Tensor  # (B, H)
+
+
+class RHNCell(nn.Module):
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        *,
+        depth: int = 3,
+        layer_norm: bool = False,
+        dropout_recurrent: float = 0.0,
+        recurrent_dropout: float = 0.0,
+        init_scale: float = 0.04,
+        transform_bias: float = -2.0,
+    ) -> None:
+        super().__init__()
+        self.input_size, self.hidden_size, self.depth = input_size, hidden_size, depth
+        self.input_proj = nn.Linear(input_size, 2 * hidden_size, bias=False)  # [W_H; W_T]
+        # [R_H,l; R_T,l] with biases [b_H,l; b_T,l], one per micro-layer
+        self.recurrent = nn.ModuleList(nn.Linear(hidden_size, 2 * hidden_size) for _ in range(depth))
+        self.norms = nn.ModuleList(GateLayerNorm(2, hidden_size) for _ in range(depth)) if layer_norm else None
+        self.state_dropouts = nn.ModuleList(SequenceDropout(dropout_recurrent) for _ in range(depth))
+        self.candidate_dropout = CandidateDropout(recurrent_dropout)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.uniform_(-init_scale, init_scale)
+            for layer in self.recurrent:
+                assert isinstance(layer, nn.Linear)
+                layer.bias[hidden_size:].fill_(transform_bias)
+            if self.norms is not None:  # a bias before LN is normalised away: move b_T into LN's bias
+                for norm in self.norms:
+                    assert isinstance(norm, GateLayerNorm)
+                    norm.gain.fill_(1.0)
+                    norm.bias.zero_()
+                    norm.bias[1].fill_(transform_bias)
+
+    def init_state(self, batch: int, device: torch.device | str | None = None) -> RHNState:
+        return zeros_state(RHNState, batch, {"s": self.hidden_size}, device)
+
+    def reset_dropout(self, batch: int, device: torch.device | str | None = None) -> None:
+        for d in self.state_dropouts:
+            assert isinstance(d, SequenceDropout)
+            d.draw(batch, self.hidden_size, device)
+
+    def step(self, px: Tensor, state: RHNState) -> tuple[Tensor, RHNState]:
+        """One time step from the precomputed input projection px = [W_H x; W_T x]: (B, 2H)."""
+        s = state.s
+        for layer in range(self.depth):
+            pre = self.recurrent[layer](self.state_dropouts[layer](s))  # (B, 2H)
+            if layer == 0:
+                pre = pre + px
+            if self.norms is not None:
+                pre = self.norms[layer](pre)
+            h_pre, t_pre = pre.chunk(2, dim=-1)
+            h = self.candidate_dropout(torch.tanh(h_pre))
+            t = torch.sigmoid(t_pre)
+            s = h * t + s * (1.0 - t)
+        return s, RHNState(s)
+
+    def forward(self, x: Tensor, state: RHNState) -> tuple[Tensor, RHNState]:
+        """One time step: x (B, I) -> s_L (B, H)."""
+        return self.step(self.input_proj(x), state)
+
+    def sequence(self, xs: Tensor, state: RHNState) -> tuple[Tensor, RHNState]:
+        pxs = self.input_proj(xs)  # (T, B, 2H): the input enters the first micro-layer only
+        outputs = []
+        for px in pxs:
+            y, state = self.step(px, state)
+            outputs.append(y)
+        return torch.stack(outputs), state  # (T, B, H)

@@ -1,0 +1,169 @@
+"""The ``rnnlm`` command line. Each command imports its stage lazily and calls one plain function
+that the Python API exposes too; errors become one line on stderr and a non-zero exit code."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from rnnlm.errors import RnnlmError
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Recurrent language models (HyperLSTM, RHN, LSTM) on Penn Treebank: train with PyTorch, "
+    "export to ONNX, score and generate with onnxruntime.",
+)
+
+T = TypeVar("T")
+
+CellOpt = Annotated[str | None, typer.Option("--cell", help="lstm, rhn or hypernets.")]
+PresetOpt = Annotated[str | None, typer.Option("--preset", help="A named config (see `rnnlm info`); default: the cell's small CPU preset.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for machines instead of text.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: --set hidden_size=512 (repeatable).")]
+DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="Directory with ptb.*.txt; else $RNNLM_DATA_DIR, the cache, or a download.")]
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def run(fn: Callable[[], T]) -> T:
+    """Call a stage; turn RnnlmError into one clear line and its exit code."""
+    try:
+        return fn()
+    except RnnlmError as e:
+        raise fail(e.message, e.code) from None
+    except KeyboardInterrupt:
+        raise fail("interrupted", 130) from None
+    except MemoryError:
+        raise fail("out of memory", 1) from None
+
+
+def emit(data: dict[str, Any], as_json: bool, text: str) -> None:
+    typer.echo(json.dumps(data) if as_json else text)
+
+
+@app.command()
+def info(cell: CellOpt = None, preset: PresetOpt = None, overrides: SetOpt = None, as_json: JsonOpt = False) -> None:
+    """Show a resolved model config and its parameter count; without options, list the presets.
+
+    Example: rnnlm info --cell rhn --preset rhn-paper --json
+    """
+
+    def body() -> None:
+        import dataclasses
+
+        from rnnlm.config import PRESETS, apply_overrides, resolve
+
+        if cell is None and preset is None and not overrides:
+            rows = {name: {"cell": p.model.cell, "description": p.description} for name, p in PRESETS.items()}
+            emit({"presets": rows}, as_json, "\n".join(f"{n:26s} {r['cell']:10s} {r['description']}" for n, r in rows.items()))
+            return
+        p = resolve(cell, preset)
+        model_cfg, train_cfg = apply_overrides(p.model, p.train, overrides or [])
+        from rnnlm.model import LanguageModel
+
+        n = LanguageModel(model_cfg).num_parameters()
+        data = {"preset": p.name, "parameters": n, "model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(train_cfg)}
+        lines = [f"preset {p.name}: {p.description}", f"parameters: {n:,} ({n / 1e6:.2f}M)", "model:"]
+        lines += [f"  {k} = {v}" for k, v in data["model"].items()] + ["train:"]
+        lines += [f"  {k} = {v}" for k, v in data["train"].items()]
+        emit(data, as_json, "\n".join(lines))
+
+    run(body)
+
+
+@app.command()
+def train(
+    cell: CellOpt = None,
+    preset: PresetOpt = None,
+    level: Annotated[str | None, typer.Option(help="word or char (default: the preset's).")] = None,
+    data_dir: DataDirOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Checkpoint directory (default: models/<cell>).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Maximum number of epochs.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
+    time_budget: Annotated[float | None, typer.Option(help="Stop after this many minutes, validation included.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (default: the preset's).")] = None,
+    device: Annotated[str, typer.Option(help="auto (CUDA when torch sees one), cpu or cuda.")] = "auto",
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its train_state.pt.")] = False,
+    force: Annotated[bool, typer.Option(help="Start over in a used --out, or resume despite a changed config.")] = False,
+    overrides: SetOpt = None,
+    dry_run: Annotated[bool, typer.Option(help="A few steps on a slice of the data, in a temporary directory.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a language model on Penn Treebank and write a checkpoint directory.
+
+    Example: rnnlm train --cell rhn --time-budget 20 --data-dir ../shared/data/ptb
+
+    Ctrl-C (or SIGTERM) finishes the step, saves, and exits 130 (143); --resume continues exactly.
+    """
+    from rnnlm.train import train as train_fn
+
+    result = run(lambda: train_fn(cell=cell, preset=preset, level=level, data_dir=data_dir, out=out, epochs=epochs,
+                                  max_steps=max_steps, time_budget=time_budget, seed=seed, device=device, resume=resume,
+                                  force=force, overrides=overrides, dry_run=dry_run))
+    data = {"out": str(result.out), "epochs": result.epochs_done, "steps": result.steps,
+            "best_valid_ppl": result.best_valid_ppl, "interrupted": result.interrupted_by is not None}
+    emit(data, as_json, f"best valid ppl {result.best_valid_ppl:.2f} after {result.steps} steps"
+         + ("" if dry_run else f"; checkpoint in {result.out}"))
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
+
+
+@app.command("eval")
+def eval_cmd(
+    model_dir: Annotated[Path | None, typer.Argument(help="Checkpoint directory (default: models/<cell>).")] = None,
+    cell: CellOpt = None,
+    split: Annotated[str, typer.Option(help="valid or test (or train).")] = "valid",
+    batch_size: Annotated[int, typer.Option(help="1 is exact: one stream, the state carried through the split.")] = 1,
+    data_dir: DataDirOpt = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Evaluate a checkpoint exactly: tokens, total NLL in nats, perplexity (and bpc at char level).
+
+    Example: rnnlm eval models/rhn --split test --json
+    """
+
+    def body() -> dict[str, Any]:
+        from rnnlm.checkpoint import load_model_dir
+        from rnnlm.data import load_ptb
+        from rnnlm.evaluate import evaluate
+        from rnnlm.train import pick_device
+
+        if split not in ("train", "valid", "test"):
+            raise RnnlmError(f"--split must be train, valid or test, not {split!r}")
+        if batch_size < 1:
+            raise RnnlmError(f"--batch-size must be >= 1, got {batch_size}")
+        directory = model_dir or Path("models") / (cell or "lstm")
+        dev = pick_device(device)
+        model, vocab = load_model_dir(directory, dev)
+        corpus = load_ptb(data_dir, level=model.cfg.level)
+        if corpus.vocab != vocab:
+            raise RnnlmError(f"{directory}/vocab.txt does not match the vocabulary of the data")
+        result = evaluate(model, corpus.split(split), start_id=vocab.eos_id, batch_size=batch_size, device=dev)
+        return {"model": str(directory), "split": split, "batch_size": batch_size, **result.as_dict()}
+
+    data = run(body)
+    text = f"{data['split']}: {data['tokens']:,} tokens  nll {data['nll']:.2f} nats  ppl {data['ppl']:.3f}"
+    if "bpc" in data:
+        text += f"  bpc {data['bpc']:.4f}"
+    emit(data, as_json, text)
+
+
+def main() -> None:
+    os.environ.setdefault("PYTHONIOENCODING", "utf-8")
+    try:
+        app()
+    except BrokenPipeError:  # `rnnlm score ... | head`
+        sys.stderr.close()
+        sys.exit(0)

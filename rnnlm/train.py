@@ -1,0 +1,380 @@
+"""The training program: truncated BPTT with the state carried, SGD or Adam, exact resume.
+
+    for epoch:                                   lr = lr0 / lr_decay ** max(0, epoch - decay_start)
+        for window (x, y) of the B parallel streams (T steps each):
+            logits, state = model(x, state)       new dropout masks per window (one sequence)
+            loss.backward(); clip global norm; optimizer.step(); state = state.detach()
+        validate; keep the best weights; write metrics, curves and the resume state
+
+Ctrl-C or SIGTERM finishes the current step, writes the resume state and exits 130 or 143.
+A non-finite loss or gradient stops the run before the optimizer can write NaN into the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from rnnlm import checkpoint as ckpt
+from rnnlm.config import ModelConfig, TrainConfig, apply_overrides, resolve
+from rnnlm.data import BpttBatches, Corpus, batchify, load_ptb
+from rnnlm.errors import RnnlmError
+from rnnlm.evaluate import evaluate
+from rnnlm.fsutil import atomic_write_text
+from rnnlm.model import LanguageModel, State, detach_state
+from rnnlm.plot import plot_curves
+
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    epochs_done: int
+    steps: int
+    best_valid_ppl: float
+    interrupted_by: int | None = None  # the signal number, when stopped by one
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    step_losses: list[float] = field(default_factory=list)  # the mean loss of each step this call ran
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_SIGNAL.get(self.interrupted_by, 1) if self.interrupted_by is not None else 0
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RnnlmError("--device cuda: torch sees no CUDA device (use --device cpu or auto)")
+    if device not in ("cpu", "cuda"):
+        raise RnnlmError(f"--device must be auto, cpu or cuda, not {device!r}")
+    return torch.device(device)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[list[int]]:
+    """Record SIGINT/SIGTERM instead of dying mid-step; the loop checks the list after each step."""
+    received: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        received.append(signum)
+
+    previous = {s: signal.signal(s, handler) for s in EXIT_SIGNAL}
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def learning_rate(cfg: TrainConfig, epoch: int) -> float:
+    """epoch counts from 0: held for max(1, decay_start) epochs, then divided by lr_decay each epoch."""
+    return cfg.lr / cfg.lr_decay ** max(0, epoch + 1 - max(1, cfg.decay_start))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # L2 in the loss: weight_decay adds wd * w to the gradient in both optimizers (not AdamW's decoupling).
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".probe-"):
+            pass
+    except OSError as e:
+        raise RnnlmError(f"cannot write to output directory {out}: {e.strerror or e}") from None
+
+
+def _slice_corpus(corpus: Corpus, train_tokens: int, valid_tokens: int) -> Corpus:
+    return dataclasses.replace(
+        corpus, train=corpus.train[:train_tokens], valid=corpus.valid[:valid_tokens], test=corpus.test[:valid_tokens]
+    )
+
+
+def train(
+    *,
+    cell: str | None = None,
+    preset: str | None = None,
+    level: str | None = None,
+    data_dir: str | Path | None = None,
+    out: str | Path | None = None,
+    epochs: int | None = None,
+    max_steps: int | None = None,
+    time_budget: float | None = None,
+    seed: int | None = None,
+    device: str = "auto",
+    resume: bool = False,
+    force: bool = False,
+    overrides: list[str] | None = None,
+    dry_run: bool = False,
+    corpus: Corpus | None = None,
+    eval_batch_size: int = 10,
+    quiet: bool = False,
+    stop_after_steps: int | None = None,
+) -> TrainResult:
+    """Train a language model and write its checkpoint directory; see the module docstring.
+
+    ``corpus`` replaces the Penn Treebank (tests pass tiny ones). ``time_budget`` is in minutes
+    and includes validation. ``stop_after_steps`` simulates an interruption (tests).
+    """
+    if time_budget is not None and not time_budget > 0:
+        raise RnnlmError(f"--time-budget is in minutes and must be > 0, got {time_budget}")
+    if max_steps is not None and max_steps < 1:
+        raise RnnlmError(f"--max-steps must be >= 1, got {max_steps}")
+    p = resolve(cell, preset)
+    extra = list(overrides or [])
+    if level is not None:
+        extra.append(f"level={level}")
+    if epochs is not None:
+        extra.append(f"epochs={epochs}")
+    if seed is not None:
+        extra.append(f"seed={seed}")
+    model_cfg, train_cfg = apply_overrides(p.model, p.train, extra)
+    dev = pick_device(device)
+
+    if corpus is None:
+        corpus = load_ptb(data_dir, level=model_cfg.level)
+    if corpus.level != model_cfg.level:
+        raise RnnlmError(f"the corpus is {corpus.level}-level but the model is {model_cfg.level}-level")
+    model_cfg = dataclasses.replace(model_cfg, vocab_size=len(corpus.vocab))
+
+    tmp_out: tempfile.TemporaryDirectory[str] | None = None
+    if dry_run:
+        corpus = _slice_corpus(corpus, 20 * train_cfg.batch_size * train_cfg.bptt, 2000)
+        max_steps = min(max_steps or 5, 5)
+        tmp_out = tempfile.TemporaryDirectory(prefix="rnnlm-dry-run-")
+        out_dir = Path(tmp_out.name)
+    else:
+        out_dir = Path(out) if out is not None else Path("models") / model_cfg.cell
+    try:
+        return _run(model_cfg, train_cfg, corpus, out_dir, dev, max_steps, time_budget, resume, force,
+                    eval_batch_size, quiet, stop_after_steps)
+    finally:
+        if tmp_out is not None:
+            tmp_out.cleanup()
+
+
+def _run(
+    model_cfg: ModelConfig, train_cfg: TrainConfig, corpus: Corpus, out: Path, dev: torch.device,
+    max_steps: int | None, time_budget: float | None, resume: bool, force: bool, eval_batch_size: int,
+    quiet: bool, stop_after_steps: int | None,
+) -> TrainResult:
+    started = time.monotonic()
+    log = _Log(quiet)
+    if resume:
+        saved = ckpt.load_train_state(out)
+        _check_same_run(out, model_cfg, train_cfg, corpus, force)
+    else:
+        if (out / ckpt.TRAIN_STATE).exists() and not force:
+            raise RnnlmError(f"{out} already holds a training run: pass --resume to continue it, "
+                             "--force to start over (overwriting it), or --out elsewhere")
+        saved = None
+    _check_writable(out)
+
+    torch.manual_seed(train_cfg.seed)
+    model = LanguageModel(model_cfg).to(dev)
+    optimizer = make_optimizer(model, train_cfg)
+    train_data = batchify(corpus.train, train_cfg.batch_size)  # (N, B)
+    windows = BpttBatches(train_data, train_cfg.bptt)
+    metrics: list[dict[str, Any]] = []
+    epoch, window, step, tokens_seen, best = 0, 0, 0, 0, math.inf
+    state: State = model.init_state(train_cfg.batch_size, dev)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        epoch, window, step = saved["epoch"], saved["window"], saved["step"]
+        tokens_seen, best = saved["tokens_seen"], saved["best_valid_ppl"]
+        state = tuple(type(s)(*(t.to(dev) for t in saved_s)) for s, saved_s in zip(state, saved["carry"], strict=True))
+        torch.set_rng_state(saved["rng_cpu"])
+        if dev.type == "cuda" and "rng_cuda" in saved:
+            torch.cuda.set_rng_state(saved["rng_cuda"])
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()] \
+            if (out / "metrics.jsonl").exists() else []
+        log(f"resuming {out} at epoch {epoch + 1}, window {window}, step {step}")
+    else:
+        corpus.vocab.save(out / ckpt.VOCAB)
+        atomic_write_text(out / ckpt.CONFIG, model_cfg.to_json())
+        atomic_write_text(out / ckpt.TRAIN_CONFIG, json.dumps(dataclasses.asdict(train_cfg), indent=2) + "\n")
+
+    def resume_state() -> dict[str, Any]:
+        s: dict[str, Any] = {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "window": window,
+            "step": step, "tokens_seen": tokens_seen, "best_valid_ppl": best,
+            "carry": [tuple(t.cpu() for t in layer) for layer in state], "rng_cpu": torch.get_rng_state(),
+        }
+        if dev.type == "cuda":
+            s["rng_cuda"] = torch.cuda.get_rng_state()
+        return s
+
+    def save_resume() -> None:
+        ckpt.check_finite(model)
+        ckpt.save_train_state(out, resume_state())
+
+    budget_s = time_budget * 60 if time_budget is not None else math.inf
+    valid_cost_s = 0.0  # measured at the first validation, reserved from the budget afterwards
+    interrupted: int | None = None
+    step_losses: list[float] = []
+    with stop_on_signals() as signals, log.progress(len(windows)) as bar:
+        while epoch < train_cfg.epochs:
+            lr = learning_rate(train_cfg, epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            model.train()
+            epoch_nll, epoch_tokens, t0 = 0.0, 0, time.monotonic()
+            bar.start_epoch(epoch, window)
+            out_of_budget = False
+            for index, x_np, y_np in windows.windows(window):
+                x, y = torch.from_numpy(x_np).to(dev), torch.from_numpy(y_np).to(dev)
+                logits, state = model(x, state)
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.clip or math.inf)
+                if not (torch.isfinite(loss) and torch.isfinite(norm)):
+                    what = "loss" if not torch.isfinite(loss) else "gradient norm"
+                    raise RnnlmError(
+                        f"training diverged at step {step + 1}: the {what} is not finite (lr {lr:g}). "
+                        f"Lower the learning rate (--set lr=...) or the clip norm; the last good checkpoint "
+                        f"in {out} is untouched.", code=3)
+                optimizer.step()
+                state = detach_state(state)
+                step, window = step + 1, index + 1
+                n, loss_value = y.numel(), float(loss.detach())
+                tokens_seen += n
+                step_losses.append(loss_value)
+                epoch_nll += loss_value * n
+                epoch_tokens += n
+                elapsed = time.monotonic() - started
+                bar.advance(tokens=n, seconds=time.monotonic() - t0, epoch_tokens=epoch_tokens,
+                            ppl=math.exp(epoch_nll / epoch_tokens), lr=lr,
+                            left=budget_s - elapsed if budget_s < math.inf else None)
+                if signals:
+                    interrupted = signals[0]
+                    break
+                if stop_after_steps is not None and step >= stop_after_steps:
+                    interrupted = signal.SIGINT
+                    break
+                if (max_steps is not None and step >= max_steps) or elapsed + valid_cost_s >= budget_s:
+                    out_of_budget = True
+                    break
+            if interrupted is not None:
+                save_resume()
+                log(f"interrupted at step {step}: wrote {out / ckpt.TRAIN_STATE}; continue with --resume")
+                break
+            epoch_done = window >= len(windows)
+            t_valid = time.monotonic()
+            result = evaluate(model, corpus.valid, start_id=corpus.vocab.eos_id, batch_size=eval_batch_size,
+                              device=dev)
+            valid_cost_s = time.monotonic() - t_valid
+            train_nll = epoch_nll / max(epoch_tokens, 1)
+            row: dict[str, Any] = {
+                "epoch": epoch + (1 if epoch_done else window / len(windows)), "step": step,
+                "tokens_seen": tokens_seen, "lr": lr, "train_ppl": math.exp(train_nll), "valid_ppl": result.ppl,
+                "elapsed_s": round(time.monotonic() - started, 1),
+                "tokens_per_s": round(epoch_tokens / max(t_valid - t0, 1e-9), 1),
+            }
+            if model_cfg.level == "char":
+                row["train_bpc"], row["valid_bpc"] = train_nll / math.log(2), result.bpc
+            metrics.append(row)
+            if result.ppl < best:
+                best = result.ppl
+                ckpt.save_model_dir(out, model, corpus.vocab, train_cfg)
+            if epoch_done:
+                epoch, window = epoch + 1, 0
+            save_resume()
+            atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+            plot_curves(metrics, out / "curves.png", f"{model_cfg.cell}: {out.name}")
+            log(f"epoch {row['epoch']:.2f}  step {step}  train ppl {row['train_ppl']:.1f}  valid ppl "
+                f"{result.ppl:.1f}  lr {lr:.3g}  {row['tokens_per_s']:.0f} tok/s  {row['elapsed_s']:.0f}s")
+            if out_of_budget:
+                break
+    return TrainResult(out=out, epochs_done=epoch, steps=step, best_valid_ppl=best, interrupted_by=interrupted,
+                       metrics=metrics, step_losses=step_losses)
+
+
+def _check_same_run(out: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, corpus: Corpus, force: bool) -> None:
+    saved_cfg = ckpt.read_config(out)
+    problems = []
+    if saved_cfg != model_cfg:
+        a, b = dataclasses.asdict(saved_cfg), dataclasses.asdict(model_cfg)
+        problems.append("model config differs (" + ", ".join(f"{k}: {a[k]} -> {b[k]}" for k in a if a[k] != b[k]) + ")")
+    from rnnlm.data import Vocabulary
+
+    if Vocabulary.load(out / ckpt.VOCAB) != corpus.vocab:
+        problems.append("the vocabulary differs from the data's")
+    saved_train = json.loads((out / ckpt.TRAIN_CONFIG).read_text()) if (out / ckpt.TRAIN_CONFIG).exists() else None
+    if saved_train is not None and saved_train != dataclasses.asdict(train_cfg):
+        diffs = [k for k in saved_train if saved_train[k] != dataclasses.asdict(train_cfg).get(k)]
+        problems.append("training config differs (" + ", ".join(diffs) + ")")
+    if problems and not force:
+        raise RnnlmError(f"refusing to resume {out}: " + "; ".join(problems) + " (pass --force to resume anyway)")
+
+
+class _Log:
+    """One-line summaries on stderr and a rich progress bar when stderr is a terminal."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+
+    def __call__(self, message: str) -> None:
+        if not self.quiet:
+            self.console.print(message, highlight=False)
+
+    @contextlib.contextmanager
+    def progress(self, total: int) -> Iterator[_Bar]:
+        bar = _Bar(total, self.console, enabled=not self.quiet and sys.stderr.isatty())
+        try:
+            yield bar
+        finally:
+            bar.close()
+
+
+class _Bar:
+    def __init__(self, total: int, console: Any, enabled: bool) -> None:
+        self.total, self.enabled, self.task = total, enabled, None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console,
+                                     transient=True)
+            self.progress.start()
+
+    def start_epoch(self, epoch: int, window: int) -> None:
+        if self.enabled:
+            if self.task is not None:
+                self.progress.remove_task(self.task)
+            self.task = self.progress.add_task("", total=self.total, completed=window, epoch=epoch + 1, info="")
+
+    def advance(self, *, tokens: int, seconds: float, epoch_tokens: int, ppl: float, lr: float,
+                left: float | None) -> None:
+        if self.enabled and self.task is not None:
+            info = f"{epoch_tokens / max(seconds, 1e-9):,.0f} tok/s  ppl {ppl:,.1f}  lr {lr:.3g}"
+            if left is not None:
+                info += f"  budget left {max(left, 0) / 60:.1f} min"
+            self.progress.update(self.task, advance=1, info=info)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.progress.stop()
