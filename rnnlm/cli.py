@@ -160,6 +160,98 @@ def eval_cmd(
     emit(data, as_json, text)
 
 
+@app.command()
+def export(
+    model_dir: Annotated[Path | None, typer.Argument(help="Checkpoint directory (or use --cell for models/<cell>).")] = None,
+    cell: CellOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Bundle directory (default: <model>/onnx, or <model>/onnx-int8).")] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset, 17 or newer (native LayerNormalization).")] = 18,
+    chunk: Annotated[int, typer.Option(help="Time steps per call of the scoring graph.")] = 32,
+    quantize: Annotated[str | None, typer.Option(help="int8: dynamic int8 weights, checked by perplexity.")] = None,
+    force: Annotated[bool, typer.Option(help="Replace --out even if it is not a bundle.")] = False,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export a checkpoint to an ONNX bundle that onnxruntime serves without torch.
+
+    Example: rnnlm export --cell rhn   (writes models/rhn/onnx)
+
+    Nothing is written unless onnxruntime agrees with PyTorch (|Δ log p| <= 1e-4 at batch 1 and 3,
+    lengths 1, 7 and 64).
+    """
+    from rnnlm.export import export_bundle
+
+    summary = run(lambda: export_bundle(model_dir, cell=cell, out=out, opset=opset, chunk=chunk, quantize=quantize,
+                                        force=force, data_dir=data_dir))
+    text = (f"wrote {summary['bundle']} in {summary['seconds']} s; validated against PyTorch: max |Δ log p| "
+            f"{summary['max_abs_logprob_diff']:.1e}")
+    if "valid_ppl" in summary:
+        text += f"; PTB valid ppl {summary['valid_ppl']:.2f}"
+    if "quantization" in summary:
+        q = summary["quantization"]
+        text += (f"\nint8: ppl {q['fp32_ppl']:.2f} -> {q['int8_ppl']:.2f} ({q['ppl_rise']:+.2%}), "
+                 f"scoring {q['scoring_speedup_1_thread']:.2f}x faster (1 thread)")
+    emit(summary, as_json, text)
+
+
+ModelOpt = Annotated[Path | None, typer.Option("--model", help="Bundle or model directory (default: the newest bundle under ./models).")]
+DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when onnxruntime offers it and a GPU exists), cpu or cuda.")]
+ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for onnxruntime (default: all cores).")]
+
+
+@app.command()
+def score(
+    file: Annotated[str, typer.Argument(help="Text file to score, or - for standard input.")],
+    model: ModelOpt = None,
+    per_line: Annotated[bool, typer.Option(help="Score each line as its own sentence (state reset), batched.")] = False,
+    per_token: Annotated[bool, typer.Option(help="Print every token with its natural-log probability.")] = False,
+    raw: Annotated[bool, typer.Option(help="Take tokens as they are: no lower-casing, no numbers to N.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Lines per onnxruntime call with --per-line.")] = 64,
+    device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Perplexity of a text: tokens, OOV count, total NLL in nats, ppl (and bpc for characters).
+
+    Every line ends in <eos>, which is scored (PTB convention). Examples:
+
+      rnnlm score ../shared/data/ptb/ptb.test.txt --json
+
+      echo "the stock market fell" | rnnlm score - --per-token
+    """
+    from rnnlm.serve.cli_impl import score_command
+
+    run(lambda: score_command(file, model=model, per_line=per_line, per_token=per_token, raw=raw, batch_size=batch_size,
+                              device=device, threads=threads, as_json=as_json))
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Option(help="Text to continue; empty starts a new sentence.")] = "",
+    model: ModelOpt = None,
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate per sample (1 to 10,000).")] = 50,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy (argmax).")] = 1.0,
+    top_k: Annotated[int | None, typer.Option(help="Sample among the k most likely tokens only.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Sample from the smallest set with this much probability.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed: the same seed gives the same text.")] = None,
+    num_samples: Annotated[int, typer.Option(help="Independent samples, generated in one batch.")] = 1,
+    no_stop: Annotated[bool, typer.Option("--no-stop", help="Do not stop at <eos>.")] = False,
+    raw: Annotated[bool, typer.Option(help="Take the prompt's tokens as they are.")] = False,
+    device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Generate text from a prompt, streaming tokens as they come.
+
+    Example: rnnlm generate --prompt "the stock market" --temperature 0.8 --seed 7
+    """
+    from rnnlm.serve.cli_impl import generate_command
+
+    run(lambda: generate_command(prompt, model=model, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                                 top_p=top_p, seed=seed, num_samples=num_samples, stop=not no_stop, raw=raw,
+                                 device=device, threads=threads, as_json=as_json))
+
+
 def main() -> None:
     os.environ.setdefault("PYTHONIOENCODING", "utf-8")
     try:

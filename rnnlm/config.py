@@ -16,6 +16,25 @@ from rnnlm.errors import RnnlmError
 CELLS = ("lstm", "rhn", "hypernets")
 
 
+def _check_types(obj: object) -> None:
+    """Refuse a value of the wrong type (say, from a hand-edited config.json) with a clear message."""
+    bad = []
+    for f in fields(obj):  # type: ignore[arg-type]
+        value, default = getattr(obj, f.name), f.default
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            bad.append(f"{f.name} must be a {type(default).__name__}, got {value!r}")
+    if bad:
+        raise RnnlmError(f"invalid {type(obj).__name__}: " + "; ".join(bad))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to rebuild the network; nothing about how it was trained."""
@@ -44,6 +63,7 @@ class ModelConfig:
     hyper_embed: int = 4  # N_z
 
     def __post_init__(self) -> None:
+        _check_types(self)
         problems = []
         if self.cell not in CELLS:
             problems.append(f"unknown cell {self.cell!r} (choose one of {', '.join(CELLS)})")
@@ -90,6 +110,7 @@ class TrainConfig:
     seed: int = 1234
 
     def __post_init__(self) -> None:
+        _check_types(self)
         problems = []
         if self.optimizer not in ("sgd", "adam"):
             problems.append(f"optimizer must be 'sgd' or 'adam', not {self.optimizer!r}")

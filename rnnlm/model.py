@@ -53,12 +53,14 @@ class LanguageModel(nn.Module):
             layer.reset_dropout(batch, device)
             drop.draw(batch, self.cfg.hidden_size, device)
 
-    def hidden(self, tokens: Tensor, state: State) -> tuple[Tensor, State]:
-        """Top-layer outputs (T, B, H) for tokens (T, B), before the vocabulary projection."""
+    def hidden(self, tokens: Tensor, state: State, keep: Tensor | None = None) -> tuple[Tensor, State]:
+        """Top-layer outputs (T, B, H) for tokens (T, B), before the vocabulary projection.
+
+        keep (T, B, 1) bool, if given, freezes each sample's state after its last real step."""
         x = self.input_dropout(self.word_dropout(self.embedding(tokens), tokens))  # (T, B, E)
         new_state = []
         for layer, drop, layer_state in zip(self.layers, self.output_dropouts, state, strict=True):
-            x, s = layer.sequence(x, layer_state)
+            x, s = layer.sequence(x, layer_state, keep)
             x = drop(x)
             new_state.append(s)
         return x, tuple(new_state)

@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import shutil
 import signal
 import sys
 import tempfile

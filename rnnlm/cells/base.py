@@ -136,6 +136,17 @@ def zeros_state(cls: type[NamedTuple], batch: int, sizes: dict[str, int], device
     return cls(*(torch.zeros(batch, sizes[name], device=device, dtype=dtype) for name in cls._fields))
 
 
+def hold(keep: Tensor | None, new: Any, old: Any) -> Any:
+    """Per sample, the new state where keep (B, 1) is true and the old one elsewhere.
+
+    This is how a batch of sequences of different lengths runs in one call: a finished
+    sequence's state stops changing.
+    """
+    if keep is None:
+        return new
+    return type(new)(*(torch.where(keep, n, o) for n, o in zip(new, old, strict=True)))
+
+
 def orthogonal_blocks_(weight: Tensor, blocks: int) -> None:
     """Orthogonal initialisation of each of ``blocks`` row blocks (one per gate) separately."""
     with torch.no_grad():

@@ -25,7 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rnnlm.cells.base import CandidateDropout, GateLayerNorm, SequenceDropout, orthogonal_blocks_, zeros_state
+from rnnlm.cells.base import (
+    CandidateDropout,
+    GateLayerNorm,
+    SequenceDropout,
+    hold,
+    orthogonal_blocks_,
+    zeros_state,
+)
 from rnnlm.cells.lstm import LSTMCell, LSTMState
 
 
@@ -85,7 +92,7 @@ class HyperLSTMCell(nn.Module):
 
     def init_state(self, batch: int, device: torch.device | str | None = None) -> HyperState:
         sizes = {"h": self.hidden_size, "c": self.hidden_size, "hyper_h": self.hyper_size, "hyper_c": self.hyper_size}
-        return zeros_state(HyperState, batch, sizes, device)
+        return zeros_state(HyperState, batch, sizes, device, self.input_proj.weight.dtype)
 
     def reset_dropout(self, batch: int, device: torch.device | str | None = None) -> None:
         self.state_dropout.draw(batch, self.hidden_size, device)
@@ -127,10 +134,12 @@ class HyperLSTMCell(nn.Module):
         px, hx = self._hoist(x)
         return self.step(px, hx, state)
 
-    def sequence(self, xs: Tensor, state: HyperState) -> tuple[Tensor, HyperState]:
+    def sequence(self, xs: Tensor, state: HyperState, keep: Tensor | None = None) -> tuple[Tensor, HyperState]:
+        """All steps of xs (T, B, I); keep (T, B, 1) optionally freezes finished samples."""
         pxs, hxs = self._hoist(xs)  # (T, B, 4H), (T, B, 4 N_hyper): one product each for all steps
         outputs = []
-        for px, hx in zip(pxs, hxs, strict=True):
-            h, state = self.step(px, hx, state)
+        for t in range(pxs.shape[0]):
+            h, new = self.step(pxs[t], hxs[t], state)
+            state = hold(None if keep is None else keep[t], new, state)
             outputs.append(h)
         return torch.stack(outputs), state  # (T, B, H)

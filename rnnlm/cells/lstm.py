@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from rnnlm.cells.base import CandidateDropout, GateLayerNorm, SequenceDropout, zeros_state
+from rnnlm.cells.base import CandidateDropout, GateLayerNorm, SequenceDropout, hold, zeros_state
 
 
 class LSTMState(NamedTuple):
@@ -47,7 +47,8 @@ class LSTMCell(nn.Module):
                 w.uniform_(-init_scale, init_scale)
 
     def init_state(self, batch: int, device: torch.device | str | None = None) -> LSTMState:
-        return zeros_state(LSTMState, batch, {"h": self.hidden_size, "c": self.hidden_size}, device)
+        return zeros_state(LSTMState, batch, {"h": self.hidden_size, "c": self.hidden_size}, device,
+                           self.input_proj.weight.dtype)
 
     def reset_dropout(self, batch: int, device: torch.device | str | None = None) -> None:
         self.state_dropout.draw(batch, self.hidden_size, device)
@@ -67,11 +68,14 @@ class LSTMCell(nn.Module):
         """One time step: x (B, I) -> h (B, H)."""
         return self.step(self.input_proj(x), state)
 
-    def sequence(self, xs: Tensor, state: LSTMState) -> tuple[Tensor, LSTMState]:
-        """All steps of xs (T, B, I); the input projection is one matrix product for all of them."""
+    def sequence(self, xs: Tensor, state: LSTMState, keep: Tensor | None = None) -> tuple[Tensor, LSTMState]:
+        """All steps of xs (T, B, I); the input projection is one matrix product for all of them.
+
+        keep (T, B, 1), if given, says which samples advance at each step (see ``hold``)."""
         pxs = self.input_proj(xs)  # (T, B, 4H)
         outputs = []
-        for px in pxs:
-            h, state = self.step(px, state)
+        for t, px in enumerate(pxs.unbind(0)):
+            h, new = self.step(px, state)
+            state = hold(None if keep is None else keep[t], new, state)
             outputs.append(h)
         return torch.stack(outputs), state  # (T, B, H)

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from rnnlm.cells.base import CandidateDropout, GateLayerNorm, SequenceDropout, zeros_state
+from rnnlm.cells.base import CandidateDropout, GateLayerNorm, SequenceDropout, hold, zeros_state
 
 
 class RHNState(NamedTuple):
@@ -63,7 +63,7 @@ class RHNCell(nn.Module):
                     norm.bias[1].fill_(transform_bias)
 
     def init_state(self, batch: int, device: torch.device | str | None = None) -> RHNState:
-        return zeros_state(RHNState, batch, {"s": self.hidden_size}, device)
+        return zeros_state(RHNState, batch, {"s": self.hidden_size}, device, self.input_proj.weight.dtype)
 
     def reset_dropout(self, batch: int, device: torch.device | str | None = None) -> None:
         for d in self.state_dropouts:
@@ -89,10 +89,12 @@ class RHNCell(nn.Module):
         """One time step: x (B, I) -> s_L (B, H)."""
         return self.step(self.input_proj(x), state)
 
-    def sequence(self, xs: Tensor, state: RHNState) -> tuple[Tensor, RHNState]:
+    def sequence(self, xs: Tensor, state: RHNState, keep: Tensor | None = None) -> tuple[Tensor, RHNState]:
+        """All steps of xs (T, B, I); keep (T, B, 1) optionally freezes finished samples."""
         pxs = self.input_proj(xs)  # (T, B, 2H): the input enters the first micro-layer only
         outputs = []
-        for px in pxs:
-            y, state = self.step(px, state)
+        for t, px in enumerate(pxs.unbind(0)):
+            y, new = self.step(px, state)
+            state = hold(None if keep is None else keep[t], new, state)
             outputs.append(y)
         return torch.stack(outputs), state  # (T, B, H)

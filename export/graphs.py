@@ -1,0 +1,63 @@
+"""The two torch modules that are traced to ONNX, with flat tensor inputs and outputs in the
+order that ``spec`` names them. Both run the model in eval mode, so no dropout remains."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from rnnlm.export.spec import StateSpec
+from torch import Tensor, nn
+
+from rnnlm.model import LanguageModel, State, flatten_state
+
+
+def state_layout(model: LanguageModel) -> list[StateSpec]:
+    """Layer by layer, field by field: the order of ``flatten_state``."""
+    return [
+        StateSpec(layer, name, int(t.shape[-1]))
+        for layer, s in enumerate(model.init_state(1))
+        for name, t in zip(s._fields, s, strict=True)
+    ]
+
+
+def unflatten_state(model: LanguageModel, flat: tuple[Tensor, ...]) -> State:
+    template = model.init_state(1)
+    out, i = [], 0
+    for s in template:
+        n = len(s._fields)
+        out.append(type(s)(*flat[i : i + n]))
+        i += n
+    return tuple(out)
+
+
+class StepGraph(nn.Module):
+    """token_ids (B,), *state -> logprobs (B, V), *next_state."""
+
+    def __init__(self, model: LanguageModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, token_ids: Tensor, *flat_state: Tensor) -> tuple[Tensor, ...]:
+        logits, state = self.model.step(token_ids, unflatten_state(self.model, flat_state))
+        return (F.log_softmax(logits, dim=-1), *flatten_state(state))
+
+
+class ScoreGraph(nn.Module):
+    """token_ids (C, B), targets (C, B), lengths (B,), *state -> target_logprobs (C, B), *next_state.
+
+    All C steps of the recurrence run (each sample's state frozen after lengths[b]); then the
+    vocabulary projection and log-softmax are one batched product over all C * B positions.
+    """
+
+    def __init__(self, model: LanguageModel, chunk: int) -> None:
+        super().__init__()
+        self.model, self.chunk = model, chunk
+
+    def forward(self, token_ids: Tensor, targets: Tensor, lengths: Tensor, *flat_state: Tensor) -> tuple[Tensor, ...]:
+        steps = torch.arange(self.chunk, device=token_ids.device).unsqueeze(1)  # (C, 1)
+        keep = steps < lengths.unsqueeze(0)  # (C, B)
+        hidden, state = self.model.hidden(token_ids, unflatten_state(self.model, flat_state), keep.unsqueeze(-1))
+        logprobs = F.log_softmax(self.model.decoder(hidden), dim=-1)  # (C, B, V)
+        picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (C, B)
+        picked = torch.where(keep, picked, torch.zeros_like(picked))
+        return (picked, *flatten_state(state))

@@ -1,0 +1,14 @@
+"""The torch-free runtime (``rnnlm.serve``): numpy and onnxruntime only.
+
+    from rnnlm.serve import LanguageModel
+    lm = LanguageModel.load("models/rhn")          # a bundle, or a model dir holding one
+    lm.score("the stock market fell")             # ScoreResult(tokens=5, oov=0, nll=..., ppl=...)
+    lm.token_logprobs("the stock market fell")    # [("the", -3.1, False), ..., ("<eos>", -1.2, False)]
+    lm.generate("the stock market", max_new_tokens=20, temperature=0.8, seed=7)
+"""
+
+from rnnlm.serve.bundle import Bundle, BundleError
+from rnnlm.serve.runtime import LanguageModel, ScoreResult, State
+from rnnlm.serve.text import TextError, Tokenizer
+
+__all__ = ["Bundle", "BundleError", "LanguageModel", "ScoreResult", "State", "TextError", "Tokenizer"]

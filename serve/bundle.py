@@ -1,0 +1,116 @@
+"""Reading a bundle: the manifest is the whole contract with the exporter.
+
+Before anything runs, every check a deployment needs: the format version, the sha256 and size
+of every file, the graphs' inputs and outputs against the manifest, the vocabulary against the
+logits dimension; the probe (a fixed input with its expected outputs) is run by the runtime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rnnlm.errors import RnnlmError
+
+FORMAT = "rnnlm-bundle"
+SUPPORTED_VERSIONS = (1,)
+MANIFEST = "manifest.json"
+
+
+class BundleError(RnnlmError):
+    """A bundle that cannot be trusted: the message names the file and the check."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def find_bundle(path: str | Path | None, search_root: str | Path = "models") -> Path:
+    """A bundle directory itself, a model directory holding ``onnx/`` (or ``onnx-int8/``), or, with
+    no path, the most recently exported bundle under ``search_root``."""
+    if path is None:
+        root = Path(search_root)
+        manifests = sorted(root.glob(f"**/{MANIFEST}"), key=lambda p: p.stat().st_mtime, reverse=True) if root.is_dir() else []
+        if not manifests:
+            raise BundleError(f"no exported model under ./{root}: run `rnnlm export --cell C` first, or pass --model DIR")
+        return manifests[0].parent
+    p = Path(path)
+    if (p / MANIFEST).is_file():
+        return p
+    for sub in ("onnx", "onnx-int8"):
+        if (p / sub / MANIFEST).is_file():
+            return p / sub
+    if not p.exists():
+        raise BundleError(f"no model at {p}")
+    raise BundleError(f"{p} is not a bundle: no {MANIFEST} in it or in {p}/onnx (export one with `rnnlm export`)")
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path | None, *, verify_hashes: bool = True) -> Bundle:
+        directory = find_bundle(path)
+        mpath = directory / MANIFEST
+        try:
+            manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BundleError(f"{mpath}: not valid JSON ({e})") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise BundleError(f"{mpath}: not an rnnlm bundle manifest (format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
+        version = manifest.get("format_version")
+        if version not in SUPPORTED_VERSIONS:
+            raise BundleError(f"{mpath}: unknown manifest format version {version!r} "
+                              f"(this rnnlm reads {', '.join(map(str, SUPPORTED_VERSIONS))})")
+        for key in ("files", "graphs", "state", "vocab", "text", "probe"):
+            if key not in manifest:
+                raise BundleError(f"{mpath}: the manifest has no {key!r} entry")
+        bundle = cls(directory, manifest)
+        if verify_hashes:
+            bundle.verify_files()
+        return bundle
+
+    def verify_files(self) -> None:
+        for name, meta in self.manifest["files"].items():
+            f = self.path / name
+            if not f.is_file():
+                raise BundleError(f"{f}: missing (listed in {MANIFEST})")
+            size = f.stat().st_size
+            if size != meta["bytes"]:
+                raise BundleError(f"{f}: size {size} bytes, manifest says {meta['bytes']} (truncated or replaced)")
+            digest = _sha256(f)
+            if digest != meta["sha256"]:
+                raise BundleError(f"{f}: sha256 {digest[:16]}... does not match the manifest's {meta['sha256'][:16]}...")
+
+    def file(self, key: str) -> Path:
+        return self.path / self.manifest["graphs"][key]["file"]
+
+    @property
+    def chunk(self) -> int:
+        return int(self.manifest["graphs"]["score"]["chunk"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["vocab"]["size"])
+
+    def read_vocab(self) -> list[str]:
+        path = self.path / self.manifest["vocab"]["file"]
+        tokens = path.read_text(encoding="utf-8").split("\n")
+        if tokens and tokens[-1] == "":
+            tokens.pop()
+        if len(tokens) != self.vocab_size:
+            raise BundleError(f"{path}: {len(tokens)} tokens, but the manifest says {self.vocab_size}")
+        for special in ("unk", "eos"):
+            idx, tok = self.manifest["vocab"][f"{special}_id"], self.manifest["vocab"][special]
+            if not 0 <= idx < len(tokens) or tokens[idx] != tok:
+                raise BundleError(f"{path}: {tok} is not at line {idx + 1} as the manifest says")
+        return tokens

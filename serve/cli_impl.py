@@ -1,0 +1,133 @@
+"""What ``rnnlm score`` and ``rnnlm generate`` do, kept out of the CLI module so it stays thin.
+Results go to stdout (text, or JSON lines with --json); notes and progress go to stderr."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rnnlm.serve.bundle import find_bundle
+from rnnlm.serve.runtime import LanguageModel, ScoreResult
+from rnnlm.serve.text import TextError, Token, lines_of, open_input
+
+OOV_MARK = "\t<oov>"
+
+
+def note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def load(model: Path | None, *, device: str, threads: int | None, raw: bool = False) -> LanguageModel:
+    path = find_bundle(model)
+    if model is None:
+        note(f"using model {path} (the newest bundle under ./models; pass --model to choose)")
+    return LanguageModel.load(path, device=device, threads=threads, raw=raw)
+
+
+def _fmt(x: float) -> str:
+    return "nan" if math.isnan(x) else f"{x:.3f}"
+
+
+def summary_text(r: ScoreResult) -> str:
+    text = (f"tokens {r.tokens:,}  oov {r.oov:,}  nll {r.nll:.3f} nats  ppl {_fmt(r.ppl)}  "
+            f"ppl excluding oov {_fmt(r.ppl_in_vocab)}")
+    return text + (f"  bpc {r.bpc:.4f}" if r.level == "char" else "")
+
+
+def _progress(name: str, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from rich.progress import Progress, SpinnerColumn, TextColumn
+
+    return Progress(SpinnerColumn(), TextColumn(f"scoring {name}"), TextColumn("{task.completed:,} tokens"),
+                    transient=True, console=__import__("rich.console").console.Console(stderr=True))
+
+
+def score_command(file: str, *, model: Path | None, per_line: bool, per_token: bool, raw: bool, batch_size: int,
+                  device: str, threads: int | None, as_json: bool) -> None:
+    if batch_size < 1:
+        raise TextError(f"--batch-size must be >= 1, got {batch_size}")
+    source, name = open_input(file)  # refuse a missing file before loading the model
+    lm = load(model, device=device, threads=threads, raw=raw)
+    out = sys.stdout
+    with source:
+        if per_line:
+            lines = list(lines_of(source, name))
+            if not any(line.strip() for line in lines):
+                raise TextError(f"{name} is empty or only whitespace: nothing to score")
+            results = lm.score_lines(lines, batch_size=batch_size, per_token=per_token)
+            total = ScoreResult(0, 0, 0.0, 0.0, lm.level)
+            for i, r in enumerate(results, 1):
+                total.tokens, total.oov = total.tokens + r.tokens, total.oov + r.oov
+                total.nll, total.nll_in_vocab = total.nll + r.nll, total.nll_in_vocab + r.nll_in_vocab
+                if r.tokens == 0:
+                    continue
+                if as_json:
+                    row: dict[str, Any] = {"line": i, **r.as_dict()}
+                    if per_token and r.per_token is not None:
+                        row["per_token"] = [{"token": t, "logprob": lp, "oov": o} for t, lp, o in r.per_token]
+                    out.write(json.dumps(row) + "\n")
+                else:
+                    out.write(f"line {i}: {summary_text(r)}\n")
+                    if per_token and r.per_token is not None:
+                        out.write("".join(f"  {t}\t{lp:.4f}{OOV_MARK if o else ''}\n" for t, lp, o in r.per_token))
+        else:
+            def on_block(tokens: list[Token], lp: np.ndarray) -> None:
+                if as_json:
+                    out.write("".join(json.dumps({"token": t.text, "logprob": float(v), "oov": t.oov}) + "\n"
+                                      for t, v in zip(tokens, lp, strict=True)))
+                else:
+                    out.write("".join(f"{t.text}\t{v:.4f}{OOV_MARK if t.oov else ''}\n" for t, v in zip(tokens, lp, strict=True)))
+
+            bar = _progress(name, sys.stderr.isatty() and not per_token)
+            if bar is not None:
+                with bar:
+                    task = bar.add_task("", total=None)
+                    total = lm.score_tokens(lm.tokenizer.stream(source, name), progress=lambda n: bar.advance(task, n),
+                                            on_block=on_block if per_token else None)
+            else:
+                total = lm.score_tokens(lm.tokenizer.stream(source, name), on_block=on_block if per_token else None)
+            if total.tokens == 0:
+                raise TextError(f"{name} is empty or only whitespace: nothing to score")
+    if total.oov:
+        note(f"{total.oov:,} of {total.tokens:,} tokens are out of the model's vocabulary (scored as <unk>)")
+    if as_json:
+        out.write(json.dumps({"total": True, "model": str(lm.bundle.path), **total.as_dict()}) + "\n")
+    else:
+        out.write(summary_text(total) + "\n")
+
+
+def generate_command(prompt: str, *, model: Path | None, max_tokens: int, temperature: float, top_k: int | None,
+                     top_p: float | None, seed: int | None, num_samples: int, stop: bool, raw: bool, device: str,
+                     threads: int | None, as_json: bool) -> None:
+    lm = load(model, device=device, threads=threads, raw=raw)
+    prompt_tokens = lm.tokenizer.line_tokens(prompt, eos=False)
+    unknown = sum(t.oov for t in prompt_tokens)
+    if unknown:
+        note(f"{unknown} of {len(prompt_tokens)} prompt tokens are out of the vocabulary (read as <unk>)")
+    kwargs = dict(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                  num_samples=num_samples, stop_at_eos=stop)
+    if as_json or num_samples > 1:
+        samples = lm.generate(prompt, **kwargs)  # type: ignore[arg-type]
+        if as_json:
+            sys.stdout.write(json.dumps({"prompt": prompt, "samples": samples, "seed": seed}) + "\n")
+        else:
+            sys.stdout.write("".join(f"{prompt} {s}".strip() + "\n" for s in samples))
+        return
+    # One sample: stream each token as it is produced.
+    sep = "" if lm.level == "char" else " "
+    sys.stdout.write(prompt)
+    first = True
+    for ids in lm.generate_ids(prompt, **kwargs):  # type: ignore[arg-type]
+        tid = int(ids[0])
+        if stop and tid == lm.eos_id:
+            break
+        piece = lm.detokenize([tid])
+        sys.stdout.write(piece if piece == "\n" else (("" if first and not prompt else sep) + piece))
+        sys.stdout.flush()
+        first = False
+    sys.stdout.write("\n")

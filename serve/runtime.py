@@ -1,0 +1,326 @@
+"""The runtime: scoring and generation on onnxruntime sessions, one per graph, created once.
+
+Units: natural-log probabilities; nll is their negated sum in nats; ppl = exp(nll / tokens);
+bpc = nll / (tokens · ln 2) for character models. Every line ends in ``<eos>``, which is a token
+(one per line, as PTB papers count), and the first token is predicted from ``<eos>``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from rnnlm.serve.bundle import Bundle, BundleError
+from rnnlm.serve.text import Token, Tokenizer
+
+from rnnlm.errors import RnnlmError
+
+MAX_NEW_TOKENS = 10_000  # the cap on one generate call
+DTYPES = {"int64": "tensor(int64)", "float32": "tensor(float)"}
+
+
+@dataclass
+class State:
+    """The recurrent state of ``batch`` sequences: one float32 array (batch, size) per state input.
+
+    Opaque to callers; pass it back to ``step``. ``copy()`` to branch a sequence."""
+
+    arrays: dict[str, np.ndarray]
+
+    @property
+    def batch(self) -> int:
+        return next(iter(self.arrays.values())).shape[0]
+
+    def copy(self) -> State:
+        return State({k: v.copy() for k, v in self.arrays.items()})
+
+
+@dataclass
+class ScoreResult:
+    tokens: int  # scored tokens, <eos> included
+    oov: int  # of them, out of vocabulary (scored as <unk>)
+    nll: float  # nats, summed over all tokens
+    nll_in_vocab: float  # nats, summed over in-vocabulary tokens
+    level: str = "word"
+    per_token: list[tuple[str, float, bool]] | None = field(default=None, repr=False)
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll / self.tokens) if self.tokens else float("nan")
+
+    @property
+    def ppl_in_vocab(self) -> float:
+        n = self.tokens - self.oov
+        return math.exp(self.nll_in_vocab / n) if n else float("nan")
+
+    @property
+    def bpc(self) -> float:
+        return self.nll / (self.tokens * math.log(2)) if self.tokens else float("nan")
+
+    def as_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"tokens": self.tokens, "oov": self.oov, "nll": self.nll, "ppl": self.ppl,
+                             "ppl_excluding_oov": self.ppl_in_vocab}
+        if self.level == "char":
+            d["bpc"] = self.bpc
+        return d
+
+
+def _has_gpu() -> bool:
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/dxg")
+
+
+def providers_for(device: str) -> list[str]:
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise RnnlmError("--device cuda: this onnxruntime has no CUDA provider (pip install onnxruntime-gpu)")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "auto":
+        if "CUDAExecutionProvider" in available and _has_gpu():
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return ["CPUExecutionProvider"]
+    raise RnnlmError(f"--device must be auto, cpu or cuda, not {device!r}")
+
+
+class LanguageModel:
+    """A bundle loaded into onnxruntime. Build it with ``LanguageModel.load(path)``."""
+
+    def __init__(self, bundle: Bundle, *, device: str = "auto", threads: int | None = None, raw: bool = False) -> None:
+        self.bundle = bundle
+        m = bundle.manifest
+        self.level = m["text"]["level"]
+        self.vocab = bundle.read_vocab()
+        self.tokenizer = Tokenizer(self.vocab, level=self.level, unk=m["vocab"]["unk"], eos=m["vocab"]["eos"], raw=raw)
+        self.eos_id = self.tokenizer.eos_id
+        self.chunk = bundle.chunk
+        self.states = m["state"]
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.inter_op_num_threads = 1
+        # Deliberate: one intra-op thread per core; the recurrent step is small, so more threads than
+        # cores only adds synchronisation.
+        opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        self.providers = providers_for(device)
+        self.sessions: dict[str, ort.InferenceSession] = {}
+        for key in ("step", "score"):
+            path = bundle.file(key)
+            try:
+                self.sessions[key] = ort.InferenceSession(str(path), opts, providers=self.providers)
+            except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf types
+                raise BundleError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})") from None
+        self.device = "cuda" if "CUDAExecutionProvider" in self.sessions["step"].get_providers() else "cpu"
+        self._check_io()
+        self._check_probe()
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, *, device: str = "auto", threads: int | None = None,
+             raw: bool = False) -> LanguageModel:
+        """Load and verify a bundle: a bundle directory, a model directory holding ``onnx/``, or
+        (None) the newest bundle under ./models. ``raw`` takes text tokens as they are."""
+        return cls(Bundle.open(path), device=device, threads=threads, raw=raw)
+
+    # ------------------------------------------------------------------ checks on load
+    def _check_io(self) -> None:
+        for key, sess in self.sessions.items():
+            spec = self.bundle.manifest["graphs"][key]
+            for kind, declared, actual in (("input", spec["inputs"], sess.get_inputs()), ("output", spec["outputs"], sess.get_outputs())):
+                if [t["name"] for t in declared] != [a.name for a in actual]:
+                    raise BundleError(f"{self.bundle.file(key)}: graph {kind}s {[a.name for a in actual]} do not match "
+                                      f"the manifest {[t['name'] for t in declared]}")
+                for t, a in zip(declared, actual, strict=True):
+                    if DTYPES[t["dtype"]] != a.type or len(t["shape"]) != len(a.shape):
+                        raise BundleError(f"{self.bundle.file(key)}: {kind} {a.name} is {a.type} of rank {len(a.shape)}, "
+                                          f"the manifest says {t['dtype']} of rank {len(t['shape'])}")
+        logits_dim = self.sessions["step"].get_outputs()[0].shape[-1]
+        if logits_dim != len(self.vocab):
+            raise BundleError(f"{self.bundle.path / 'vocab.txt'}: {len(self.vocab)} tokens, but the model predicts {logits_dim}")
+
+    def _check_probe(self) -> None:
+        probe = self.bundle.manifest["probe"]
+        seq = np.array(probe["tokens"], np.int64)
+        picked = self._score_ids(seq[:-1][:, None], seq[1:][:, None], np.array([len(seq) - 1]))[0][:, 0]
+        diff = float(np.abs(picked - np.array(probe["target_logprobs"])).max())
+        state = self.initial_state()
+        for t in seq[:-1]:
+            logprobs, state = self.step_ids(state, np.array([t]))
+        diff = max(diff, float(np.abs(logprobs[0, :16] - np.array(probe["last_step_logprobs_head"])).max()))
+        if diff > probe["tolerance"] * (100 if "quantization" in self.bundle.manifest and self.bundle.manifest["quantization"] else 1):
+            raise BundleError(f"{self.bundle.path}: the probe's outputs differ from the manifest's by {diff:.2e} "
+                              f"(> {probe['tolerance']:g}) on {self.device}")
+
+    # ------------------------------------------------------------------ state API
+    def initial_state(self, batch: int = 1) -> State:
+        """A fresh state: what a sequence starts from (the model then reads ``<eos>`` as a start)."""
+        return State({s["input"]: np.zeros((batch, s["size"]), np.float32) for s in self.states})
+
+    def step_ids(self, state: State, token_ids: np.ndarray) -> tuple[np.ndarray, State]:
+        """Feed one token id per sequence: log-probabilities (batch, vocab) of the next token."""
+        logprobs, *new = self.sessions["step"].run(None, {"token_ids": np.asarray(token_ids, np.int64), **state.arrays})
+        return logprobs, State({s["input"]: v for s, v in zip(self.states, new, strict=True)})
+
+    def step(self, state: State, token: str) -> tuple[np.ndarray, State]:
+        """Feed one token (as the tokenizer would write it; unknown -> ``<unk>``) to a batch-1 state.
+
+        Right: ``lp, s = lm.step(lm.initial_state(), "<eos>")``, then ``lp[0, lm.id("the")]``.
+        Wrong: ``lm.step(s, "the stock")`` (one token, not text)."""
+        return self.step_ids(state, np.array([self.id(token)] * state.batch, np.int64))
+
+    def id(self, token: str) -> int:
+        return self.tokenizer.token(token).id
+
+    # ------------------------------------------------------------------ scoring
+    def _score_ids(self, inputs: np.ndarray, targets: np.ndarray, lengths: np.ndarray,
+                   state: State | None = None) -> tuple[np.ndarray, State]:
+        """(L, B) inputs/targets, per-column lengths -> target log-probabilities (L, B) and final state."""
+        L, B = inputs.shape
+        C = self.chunk
+        state = state or self.initial_state(B)
+        out = np.zeros((L, B), np.float32)
+        sess = self.sessions["score"]
+        for start in range(0, max(L, 1), C):
+            n = min(C, L - start)
+            x = np.zeros((C, B), np.int64)
+            y = np.zeros((C, B), np.int64)
+            x[:n], y[:n] = inputs[start : start + n], targets[start : start + n]
+            picked, *new = sess.run(None, {"token_ids": x, "targets": y,
+                                           "lengths": np.clip(lengths - start, 0, C).astype(np.int64), **state.arrays})
+            out[start : start + n] = picked[:n]
+            state = State({s["input"]: v for s, v in zip(self.states, new, strict=True)})
+        return out, state
+
+    def score_tokens(self, tokens: Iterable[Token], *, per_token: bool = False, block: int = 4096,
+                     progress: Callable[[int], None] | None = None,
+                     on_block: Callable[[list[Token], np.ndarray], None] | None = None) -> ScoreResult:
+        """Score a token stream as one text (state carried), ``block`` tokens at a time, so memory
+        stays bounded; ``on_block`` receives each block's tokens and log-probabilities."""
+        state, prev = self.initial_state(1), self.eos_id
+        total = ScoreResult(0, 0, 0.0, 0.0, self.level, [] if per_token else None)
+        buf: list[Token] = []
+
+        def flush() -> None:
+            nonlocal state, prev
+            ids = np.fromiter((t.id for t in buf), np.int64, len(buf))
+            inputs = np.concatenate([[prev], ids[:-1]])
+            picked, state = self._score_ids(inputs[:, None], ids[:, None], np.array([len(ids)]), state)
+            lp = picked[:, 0].astype(np.float64)
+            oov = np.fromiter((t.oov for t in buf), bool, len(buf))
+            total.tokens += len(buf)
+            total.oov += int(oov.sum())
+            total.nll -= float(lp.sum())
+            total.nll_in_vocab -= float(lp[~oov].sum())
+            if total.per_token is not None:
+                total.per_token.extend((t.text, float(v), t.oov) for t, v in zip(buf, lp, strict=True))
+            if on_block is not None:
+                on_block(buf, lp)
+            prev = int(ids[-1])
+            if progress:
+                progress(len(buf))
+            buf.clear()
+
+        for tok in tokens:
+            buf.append(tok)
+            if len(buf) >= block:
+                flush()
+        if buf:
+            flush()
+        return total
+
+    def score(self, text: str, *, per_token: bool = False) -> ScoreResult:
+        """Score text as one stream: every line ends in ``<eos>`` (counted), the state carries across lines.
+
+        Right: ``lm.score("the stock market fell\\nshares rose")`` -> 6 + 1 + 2 + 1 = ... tokens.
+        For independent sentences (KenLM's sentence scores), use ``score_lines``."""
+        return self.score_tokens(self.tokenizer.text_tokens(text), per_token=per_token)
+
+    def token_logprobs(self, text: str) -> list[tuple[str, float, bool]]:
+        """(token as scored, natural-log probability, out of vocabulary) for every token of ``text``;
+        they sum to ``-score(text).nll``."""
+        result = self.score(text, per_token=True)
+        assert result.per_token is not None
+        return result.per_token
+
+    def score_lines(self, lines: Iterable[str], *, batch_size: int = 64, per_token: bool = False,
+                    progress: Callable[[int], None] | None = None) -> list[ScoreResult]:
+        """Each line as its own sentence (fresh state, predicted from ``<eos>``, ending in ``<eos>``),
+        many lines per onnxruntime call. Blank lines get an empty result (0 tokens)."""
+        tokenized = [self.tokenizer.line_tokens(line) for line in lines]
+        results: list[ScoreResult | None] = [None] * len(tokenized)
+        order = sorted(range(len(tokenized)), key=lambda i: len(tokenized[i]))  # similar lengths together
+        for start in range(0, len(order), batch_size):
+            idx = [i for i in order[start : start + batch_size]]
+            lengths = np.array([len(tokenized[i]) for i in idx], np.int64)
+            L = max(int(lengths.max()), 1)
+            inputs = np.full((L, len(idx)), self.eos_id, np.int64)
+            targets = np.zeros((L, len(idx)), np.int64)
+            for b, i in enumerate(idx):
+                ids = [t.id for t in tokenized[i]]
+                targets[: len(ids), b] = ids
+                inputs[1 : len(ids), b] = ids[:-1]
+            picked, _ = self._score_ids(inputs, targets, lengths)
+            for b, i in enumerate(idx):
+                toks = tokenized[i]
+                lp = picked[: len(toks), b].astype(np.float64)
+                oov = np.array([t.oov for t in toks], bool)
+                results[i] = ScoreResult(len(toks), int(oov.sum()), -float(lp.sum()), -float(lp[~oov].sum()), self.level,
+                                         [(t.text, float(v), t.oov) for t, v in zip(toks, lp, strict=True)] if per_token else None)
+            if progress:
+                progress(len(idx))
+        return [r for r in results if r is not None]
+
+    # ------------------------------------------------------------------ generation
+    def generate_ids(self, prompt: str, *, max_new_tokens: int = 50, temperature: float = 1.0, top_k: int | None = None,
+                     top_p: float | None = None, seed: int | None = None, num_samples: int = 1,
+                     stop_at_eos: bool = True) -> Iterator[np.ndarray]:
+        """Yield the next token id of each sample, (num_samples,), one step at a time."""
+        from rnnlm.serve.sampling import check_sampling, sample
+
+        check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                       vocab_size=len(self.vocab), num_samples=num_samples, cap=MAX_NEW_TOKENS)
+        rng = np.random.default_rng(seed)
+        prompt_ids = [t.id for t in self.tokenizer.line_tokens(prompt, eos=False)] if prompt.strip() else []
+        state = self.initial_state(num_samples)
+        logprobs = None
+        for tid in [self.eos_id, *prompt_ids]:  # an empty prompt starts a sentence from <eos>
+            logprobs, state = self.step_ids(state, np.full(num_samples, tid, np.int64))
+        assert logprobs is not None
+        done = np.zeros(num_samples, bool)
+        for _ in range(max_new_tokens):
+            nxt = sample(logprobs, rng, temperature=temperature, top_k=top_k, top_p=top_p)
+            nxt = np.where(done, self.eos_id, nxt)
+            yield nxt
+            if stop_at_eos:
+                done |= nxt == self.eos_id
+                if done.all():
+                    return
+            logprobs, state = self.step_ids(state, nxt)
+
+    def generate(self, prompt: str = "", *, max_new_tokens: int = 50, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, num_samples: int = 1,
+                 stop_at_eos: bool = True) -> list[str]:
+        """Continue ``prompt``; returns the generated text of each sample (the prompt not included).
+
+        temperature 0 is greedy (argmax); ``seed`` makes sampling repeatable."""
+        columns = list(self.generate_ids(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                         top_p=top_p, seed=seed, num_samples=num_samples, stop_at_eos=stop_at_eos))
+        out = []
+        for b in range(num_samples):
+            ids = [int(c[b]) for c in columns]
+            if stop_at_eos and self.eos_id in ids:
+                ids = ids[: ids.index(self.eos_id)]
+            out.append(self.detokenize(ids))
+        return out
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        toks = [self.vocab[i] for i in ids]
+        if self.level == "char":
+            return "".join("\n" if t == self.tokenizer.eos else (" " if t == "_" else t) for t in toks)
+        return " ".join("\n" if t == self.tokenizer.eos else t for t in toks).replace(" \n ", "\n")

@@ -1,0 +1,51 @@
+"""Sampling from log-probabilities: temperature, top-k, top-p (nucleus), in numpy.
+
+Temperature 0 means greedy: the argmax, with no randomness drawn. The order of filtering is
+onnxruntime-genai's and Hugging Face's: temperature, then top-k, then top-p.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from rnnlm.errors import RnnlmError
+
+
+def check_sampling(*, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
+                   vocab_size: int, num_samples: int = 1, cap: int) -> None:
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise RnnlmError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and not 1 <= top_k <= vocab_size:
+        raise RnnlmError(f"top-k must be between 1 and the vocabulary size {vocab_size}, got {top_k}")
+    if top_p is not None and not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise RnnlmError(f"top-p must be in (0, 1], got {top_p}")
+    if not 1 <= max_new_tokens <= cap:
+        raise RnnlmError(f"max-tokens must be between 1 and {cap:,}, got {max_new_tokens}")
+    if not 1 <= num_samples <= 1024:
+        raise RnnlmError(f"num-samples must be between 1 and 1024, got {num_samples}")
+
+
+def sample(logprobs: np.ndarray, rng: np.random.Generator, *, temperature: float, top_k: int | None = None,
+           top_p: float | None = None) -> np.ndarray:
+    """One token id per row of logprobs (B, V)."""
+    if temperature == 0:
+        return logprobs.argmax(axis=-1).astype(np.int64)
+    logits = logprobs.astype(np.float64) / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = np.partition(logits, -top_k, axis=-1)[:, -top_k][:, None]
+        logits = np.where(logits < kth, -np.inf, logits)
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    if top_p is not None and top_p < 1:
+        order = np.argsort(-probs, axis=-1)
+        sorted_p = np.take_along_axis(probs, order, axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (the first token always survives)
+        keep_sorted = np.cumsum(sorted_p, axis=-1) - sorted_p < top_p
+        keep = np.zeros_like(keep_sorted)
+        np.put_along_axis(keep, order, keep_sorted, axis=-1)
+        probs = np.where(keep, probs, 0.0)
+        probs /= probs.sum(axis=-1, keepdims=True)
+    u = rng.random((probs.shape[0], 1))
+    return np.minimum((np.cumsum(probs, axis=-1) < u).sum(axis=-1), probs.shape[-1] - 1).astype(np.int64)
