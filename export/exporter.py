@@ -123,9 +123,10 @@ def export_bundle(
     if quantize not in (None, "int8"):
         raise RnnlmError(f"--quantize supports int8 only, not {quantize!r}")
     model_dir, out_dir = _resolve_paths(model_dir, cell, out, quantize)
-    if out_dir.exists() and not (out_dir / spec.MANIFEST_FILE).is_file() and not force:
-        if not out_dir.is_dir() or any(out_dir.iterdir()):
-            raise RnnlmError(f"{out_dir} exists and is not a bundle: refusing to replace it (pass --force)")
+    is_bundle = (out_dir / spec.MANIFEST_FILE).is_file()
+    is_empty_dir = out_dir.is_dir() and not any(out_dir.iterdir())
+    if out_dir.exists() and not (is_bundle or is_empty_dir or force):
+        raise RnnlmError(f"{out_dir} exists and is not a bundle: refusing to replace it (pass --force)")
     model, vocab = load_model_dir(model_dir)
     cfg = model.cfg
     states = state_layout(model)

@@ -73,13 +73,44 @@ def info(cell: CellOpt = None, preset: PresetOpt = None, overrides: SetOpt = Non
         from rnnlm.model import LanguageModel
 
         n = LanguageModel(model_cfg).num_parameters()
-        data = {"preset": p.name, "parameters": n, "model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(train_cfg)}
+        model_d, train_d = dataclasses.asdict(model_cfg), dataclasses.asdict(train_cfg)
+        data = {"preset": p.name, "parameters": n, "model": model_d, "train": train_d}
         lines = [f"preset {p.name}: {p.description}", f"parameters: {n:,} ({n / 1e6:.2f}M)", "model:"]
-        lines += [f"  {k} = {v}" for k, v in data["model"].items()] + ["train:"]
-        lines += [f"  {k} = {v}" for k, v in data["train"].items()]
+        lines += [f"  {k} = {v}" for k, v in model_d.items()] + ["train:"]
+        lines += [f"  {k} = {v}" for k, v in train_d.items()]
         emit(data, as_json, "\n".join(lines))
 
     run(body)
+
+
+@app.command()
+def data(
+    data_dir: DataDirOpt = None,
+    level: Annotated[str, typer.Option(help="word or char.")] = "word",
+    path: Annotated[bool, typer.Option("--path", help="Print only the data directory (for scripts).")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Find (or download once, verify and cache) Penn Treebank and show its token counts.
+
+    Example: rnnlm score "$(rnnlm data --path)/ptb.test.txt"
+    """
+
+    def body() -> dict[str, Any]:
+        from rnnlm.data import load_ptb, locate_ptb
+
+        directory = locate_ptb(data_dir, level=level)
+        if path:
+            return {"path": str(directory)}
+        corpus = load_ptb(directory, level=level)
+        return {"path": str(directory), "level": level, "vocab": len(corpus.vocab),
+                **{split: len(corpus.split(split)) for split in ("train", "valid", "test")}}
+
+    info_ = run(body)
+    if path and not as_json:
+        typer.echo(info_["path"])
+        return
+    emit(info_, as_json, f"{info_['path']} ({level} level): train {info_['train']:,}  valid {info_['valid']:,}  "
+         f"test {info_['test']:,} tokens; vocabulary {info_['vocab']:,}")
 
 
 @app.command()

@@ -30,8 +30,8 @@ class LanguageModel(nn.Module):
         self.word_dropout = WordDropout(cfg.dropout_emb, cfg.vocab_size)
         self.input_dropout = SequenceDropout(cfg.dropout_input)
         sizes = [cfg.emb_size] + [cfg.hidden_size] * (cfg.num_layers - 1)
-        self.layers = nn.ModuleList(make_cell(cfg, size) for size in sizes)
-        self.output_dropouts = nn.ModuleList(SequenceDropout(cfg.dropout_output) for _ in sizes)
+        self.layers: Any = nn.ModuleList(make_cell(cfg, size) for size in sizes)  # of Cell
+        self.output_dropouts: Any = nn.ModuleList(SequenceDropout(cfg.dropout_output) for _ in sizes)
         self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size)
         scale = cfg.init_scale
         with torch.no_grad():

@@ -20,7 +20,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from rnnlm.fsutil import atomic_write_text
 from rnnlm.model import LanguageModel, State, detach_state
 from rnnlm.plot import plot_curves
 
-EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+EXIT_SIGNAL: dict[int, int] = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 @dataclass
@@ -53,6 +53,10 @@ class TrainResult:
     @property
     def exit_code(self) -> int:
         return EXIT_SIGNAL.get(self.interrupted_by, 1) if self.interrupted_by is not None else 0
+
+
+def _ppl(nll_per_token: float) -> float:
+    return math.exp(min(nll_per_token, 700.0))  # a huge early loss must not crash the report
 
 
 def pick_device(device: str) -> torch.device:
@@ -127,12 +131,13 @@ def train(
     corpus: Corpus | None = None,
     eval_batch_size: int = 10,
     quiet: bool = False,
-    stop_after_steps: int | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train a language model and write its checkpoint directory; see the module docstring.
 
     ``corpus`` replaces the Penn Treebank (tests pass tiny ones). ``time_budget`` is in minutes
-    and includes validation. ``stop_after_steps`` simulates an interruption (tests).
+    and includes validation. ``on_step(step)`` is called after every optimizer step (tests use it
+    to send a signal at a chosen step).
     """
     if time_budget is not None and not time_budget > 0:
         raise RnnlmError(f"--time-budget is in minutes and must be > 0, got {time_budget}")
@@ -165,7 +170,7 @@ def train(
         out_dir = Path(out) if out is not None else Path("models") / model_cfg.cell
     try:
         return _run(model_cfg, train_cfg, corpus, out_dir, dev, max_steps, time_budget, resume, force,
-                    eval_batch_size, quiet, stop_after_steps)
+                    eval_batch_size, quiet, on_step)
     finally:
         if tmp_out is not None:
             tmp_out.cleanup()
@@ -174,7 +179,7 @@ def train(
 def _run(
     model_cfg: ModelConfig, train_cfg: TrainConfig, corpus: Corpus, out: Path, dev: torch.device,
     max_steps: int | None, time_budget: float | None, resume: bool, force: bool, eval_batch_size: int,
-    quiet: bool, stop_after_steps: int | None,
+    quiet: bool, on_step: Callable[[int], None] | None,
 ) -> TrainResult:
     started = time.monotonic()
     log = _Log(quiet)
@@ -198,7 +203,10 @@ def _run(
     state: State = model.init_state(train_cfg.batch_size, dev)
     if saved is not None:
         model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
+        if saved.get("optimizer_name") == train_cfg.optimizer:
+            optimizer.load_state_dict(saved["optimizer"])
+        else:  # only reachable with --force: the moments of another optimizer do not carry over
+            log(f"the optimizer changed to {train_cfg.optimizer}: starting its state fresh")
         epoch, window, step = saved["epoch"], saved["window"], saved["step"]
         tokens_seen, best = saved["tokens_seen"], saved["best_valid_ppl"]
         state = tuple(type(s)(*(t.to(dev) for t in saved_s)) for s, saved_s in zip(state, saved["carry"], strict=True))
@@ -215,7 +223,8 @@ def _run(
 
     def resume_state() -> dict[str, Any]:
         s: dict[str, Any] = {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "window": window,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "optimizer_name": train_cfg.optimizer,
+            "epoch": epoch, "window": window,
             "step": step, "tokens_seen": tokens_seen, "best_valid_ppl": best,
             "carry": [tuple(t.cpu() for t in layer) for layer in state], "rng_cpu": torch.get_rng_state(),
         }
@@ -263,13 +272,12 @@ def _run(
                 epoch_tokens += n
                 elapsed = time.monotonic() - started
                 bar.advance(tokens=n, seconds=time.monotonic() - t0, epoch_tokens=epoch_tokens,
-                            ppl=math.exp(epoch_nll / epoch_tokens), lr=lr,
+                            ppl=_ppl(epoch_nll / epoch_tokens), lr=lr,
                             left=budget_s - elapsed if budget_s < math.inf else None)
+                if on_step is not None:
+                    on_step(step)
                 if signals:
                     interrupted = signals[0]
-                    break
-                if stop_after_steps is not None and step >= stop_after_steps:
-                    interrupted = signal.SIGINT
                     break
                 if (max_steps is not None and step >= max_steps) or elapsed + valid_cost_s >= budget_s:
                     out_of_budget = True
@@ -286,7 +294,7 @@ def _run(
             train_nll = epoch_nll / max(epoch_tokens, 1)
             row: dict[str, Any] = {
                 "epoch": epoch + (1 if epoch_done else window / len(windows)), "step": step,
-                "tokens_seen": tokens_seen, "lr": lr, "train_ppl": math.exp(train_nll), "valid_ppl": result.ppl,
+                "tokens_seen": tokens_seen, "lr": lr, "train_ppl": _ppl(train_nll), "valid_ppl": result.ppl,
                 "elapsed_s": round(time.monotonic() - started, 1),
                 "tokens_per_s": round(epoch_tokens / max(t_valid - t0, 1e-9), 1),
             }
@@ -351,7 +359,8 @@ class _Log:
 
 class _Bar:
     def __init__(self, total: int, console: Any, enabled: bool) -> None:
-        self.total, self.enabled, self.task = total, enabled, None
+        self.total, self.enabled = total, enabled
+        self.task: Any = None
         if enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

@@ -112,7 +112,7 @@ def generate_command(prompt: str, *, model: Path | None, max_tokens: int, temper
     kwargs = dict(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                   num_samples=num_samples, stop_at_eos=stop)
     if as_json or num_samples > 1:
-        samples = lm.generate(prompt, **kwargs)  # type: ignore[arg-type]
+        samples = lm.generate(prompt, **kwargs)
         if as_json:
             sys.stdout.write(json.dumps({"prompt": prompt, "samples": samples, "seed": seed}) + "\n")
         else:
@@ -122,7 +122,7 @@ def generate_command(prompt: str, *, model: Path | None, max_tokens: int, temper
     sep = "" if lm.level == "char" else " "
     sys.stdout.write(prompt)
     first = True
-    for ids in lm.generate_ids(prompt, **kwargs):  # type: ignore[arg-type]
+    for ids in lm.generate_ids(prompt, **kwargs):
         tid = int(ids[0])
         if stop and tid == lm.eos_id:
             break

@@ -7,7 +7,7 @@ so nothing of it reaches an exported graph.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -131,7 +131,7 @@ class Cell(Protocol):
     def sequence(self, xs: Tensor, state: Any) -> tuple[Tensor, Any]: ...
 
 
-def zeros_state(cls: type[NamedTuple], batch: int, sizes: dict[str, int], device: Any, dtype: Any = None) -> Any:
+def zeros_state(cls: Any, batch: int, sizes: dict[str, int], device: Any, dtype: Any = None) -> Any:
     """A state NamedTuple of zero tensors (B, size) named by the tuple's fields."""
     return cls(*(torch.zeros(batch, sizes[name], device=device, dtype=dtype) for name in cls._fields))
 

@@ -1,0 +1,40 @@
+"""Session fixtures: tiny bundles, each exported once per session and shared read-only.
+
+``built(cell, layer_norm)`` exports on first use and caches, so running one test file pays only
+for the bundles it uses. A test that damages a bundle must copy it first (``shutil.copytree``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from bundles import Built, build
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, bool], Built]:
+    import torch
+
+    torch.set_num_threads(1)  # two shared cores: threads only add contention for models this small
+    root = tmp_path_factory.mktemp("bundles")
+    cache: dict[tuple[str, bool], Built] = {}
+
+    def get(cell: str, layer_norm: bool) -> Built:
+        if (cell, layer_norm) not in cache:
+            cache[(cell, layer_norm)] = build(root, cell, layer_norm)
+        return cache[(cell, layer_norm)]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def lstm(built: Callable[[str, bool], Built]) -> Built:
+    """The serve tests' model: a 2-layer LSTM with tied weights, scoring chunk 8."""
+    return built("lstm", False)
+
+
+@pytest.fixture(scope="session")
+def lstm_bundle(lstm: Built) -> Path:
+    return lstm.bundle
