@@ -6,6 +6,7 @@ to its destination, validated, hashed, and renamed into place in one step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -132,6 +133,7 @@ def export_bundle(
     states = state_layout(model)
     step_spec, score_spec = spec.step_graph(states, cfg.vocab_size), spec.score_graph(states, chunk)
 
+    created = [p for p in (out_dir.parent, *out_dir.parent.parents) if not p.exists()]  # undone on failure
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
@@ -177,6 +179,9 @@ def export_bundle(
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for p in created:  # deepest first
+            with contextlib.suppress(OSError):
+                p.rmdir()
         raise
     summary = {"bundle": str(out_dir), "cell": cfg.cell, "seconds": round(time.monotonic() - t0, 1),
                "max_abs_logprob_diff": report.max_logprob_diff, "max_abs_state_diff": report.max_state_diff, **metrics}

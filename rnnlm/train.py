@@ -129,7 +129,7 @@ def train(
     overrides: list[str] | None = None,
     dry_run: bool = False,
     corpus: Corpus | None = None,
-    eval_batch_size: int = 10,
+    eval_batch_size: int = 32,
     quiet: bool = False,
     on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:

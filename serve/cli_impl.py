@@ -25,7 +25,7 @@ def load(model: Path | None, *, device: str, threads: int | None, raw: bool = Fa
     path = find_bundle(model)
     if model is None:
         note(f"using model {path} (the newest bundle under ./models; pass --model to choose)")
-    return LanguageModel.load(path, device=device, threads=threads, raw=raw)
+    return LanguageModel.load(path, device=device, threads=threads, raw=raw, eager=False)
 
 
 def _fmt(x: float) -> str:

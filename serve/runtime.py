@@ -93,7 +93,8 @@ def providers_for(device: str) -> list[str]:
 class LanguageModel:
     """A bundle loaded into onnxruntime. Build it with ``LanguageModel.load(path)``."""
 
-    def __init__(self, bundle: Bundle, *, device: str = "auto", threads: int | None = None, raw: bool = False) -> None:
+    def __init__(self, bundle: Bundle, *, device: str = "auto", threads: int | None = None, raw: bool = False,
+                 eager: bool = True) -> None:
         self.bundle = bundle
         m = bundle.manifest
         self.level = m["text"]["level"]
@@ -103,58 +104,91 @@ class LanguageModel:
         self.chunk = bundle.chunk
         self.states = m["state"]
         opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Measured (bench/RESULTS.md): the unrolled scoring graph has thousands of small nodes, and
+        # onnxruntime's memory-reuse planner takes seconds over them while saving no run time; basic
+        # graph optimisations run as fast here as the extended ones and load faster.
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        opts.enable_mem_reuse = False
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.inter_op_num_threads = 1
         # Deliberate: one intra-op thread per core; the recurrent step is small, so more threads than
         # cores only adds synchronisation.
         opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        self._options = opts
         self.providers = providers_for(device)
-        self.sessions: dict[str, ort.InferenceSession] = {}
-        for key in ("step", "score"):
-            path = bundle.file(key)
+        self._sessions: dict[str, ort.InferenceSession] = {}
+        self.session("score")  # refuse a broken bundle at load time, whichever graph it is;
+        if eager:  # the step graph is checked when first used unless asked for now
+            self.session("step")
+
+    @property
+    def device(self) -> str:
+        sess = next(iter(self._sessions.values()))
+        return "cuda" if "CUDAExecutionProvider" in sess.get_providers() else "cpu"
+
+    def session(self, key: str) -> ort.InferenceSession:
+        """The onnxruntime session of graph ``key`` ("step" or "score"), created and checked once:
+        its inputs and outputs against the manifest, then the manifest's probe."""
+        if key not in self._sessions:
+            path = self.bundle.file(key)
             try:
-                self.sessions[key] = ort.InferenceSession(str(path), opts, providers=self.providers)
+                sess = ort.InferenceSession(str(path), self._options, providers=self.providers)
             except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf types
                 raise BundleError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})") from None
-        self.device = "cuda" if "CUDAExecutionProvider" in self.sessions["step"].get_providers() else "cpu"
-        self._check_io()
-        self._check_probe()
+            self._check_io(key, sess)
+            self._sessions[key] = sess
+            try:
+                self._check_probe(key)
+            except BaseException:
+                del self._sessions[key]
+                raise
+        return self._sessions[key]
 
     @classmethod
     def load(cls, path: str | Path | None = None, *, device: str = "auto", threads: int | None = None,
-             raw: bool = False) -> LanguageModel:
+             raw: bool = False, eager: bool = True) -> LanguageModel:
         """Load and verify a bundle: a bundle directory, a model directory holding ``onnx/``, or
-        (None) the newest bundle under ./models. ``raw`` takes text tokens as they are."""
-        return cls(Bundle.open(path), device=device, threads=threads, raw=raw)
+        (None) the newest bundle under ./models. ``raw`` takes text tokens as they are.
+        ``eager=False`` defers the step graph's session to its first use (scoring needs only the
+        scoring graph, and starts faster)."""
+        return cls(Bundle.open(path), device=device, threads=threads, raw=raw, eager=eager)
 
     # ------------------------------------------------------------------ checks on load
-    def _check_io(self) -> None:
-        for key, sess in self.sessions.items():
-            spec = self.bundle.manifest["graphs"][key]
-            for kind, declared, actual in (("input", spec["inputs"], sess.get_inputs()), ("output", spec["outputs"], sess.get_outputs())):
-                if [t["name"] for t in declared] != [a.name for a in actual]:
-                    raise BundleError(f"{self.bundle.file(key)}: graph {kind}s {[a.name for a in actual]} do not match "
-                                      f"the manifest {[t['name'] for t in declared]}")
-                for t, a in zip(declared, actual, strict=True):
-                    if DTYPES[t["dtype"]] != a.type or len(t["shape"]) != len(a.shape):
-                        raise BundleError(f"{self.bundle.file(key)}: {kind} {a.name} is {a.type} of rank {len(a.shape)}, "
-                                          f"the manifest says {t['dtype']} of rank {len(t['shape'])}")
-        logits_dim = self.sessions["step"].get_outputs()[0].shape[-1]
-        if logits_dim != len(self.vocab):
-            raise BundleError(f"{self.bundle.path / 'vocab.txt'}: {len(self.vocab)} tokens, but the model predicts {logits_dim}")
+    def _check_io(self, key: str, sess: ort.InferenceSession) -> None:
+        path = self.bundle.file(key)
+        spec = self.bundle.manifest["graphs"][key]
+        for kind, declared, actual in (("input", spec["inputs"], sess.get_inputs()), ("output", spec["outputs"], sess.get_outputs())):
+            if [t["name"] for t in declared] != [a.name for a in actual]:
+                raise BundleError(f"{path}: graph {kind}s {[a.name for a in actual]} do not match "
+                                  f"the manifest {[t['name'] for t in declared]}")
+            for t, a in zip(declared, actual, strict=True):
+                if DTYPES[t["dtype"]] != a.type or len(t["shape"]) != len(a.shape):
+                    raise BundleError(f"{path}: {kind} {a.name} is {a.type} of rank {len(a.shape)}, "
+                                      f"the manifest says {t['dtype']} of rank {len(t['shape'])}")
+        if key == "step":
+            logits_dim = sess.get_outputs()[0].shape[-1]
+            if logits_dim != len(self.vocab):
+                raise BundleError(f"{self.bundle.path / 'vocab.txt'}: {len(self.vocab)} tokens, but the model predicts {logits_dim}")
+        else:  # the scoring graph returns only targets: its vocabulary size is the step graph's logits
+            logits_dim = self.bundle.manifest["graphs"]["step"]["outputs"][0]["shape"][-1]
+            if logits_dim != len(self.vocab):
+                raise BundleError(f"{self.bundle.path / 'vocab.txt'}: {len(self.vocab)} tokens, but the model predicts "
+                                  f"{logits_dim} (manifest)")
 
-    def _check_probe(self) -> None:
+    def _check_probe(self, key: str) -> None:
+        """Rerun the manifest's probe through graph ``key``; refuse outputs that differ."""
         probe = self.bundle.manifest["probe"]
         seq = np.array(probe["tokens"], np.int64)
-        picked = self._score_ids(seq[:-1][:, None], seq[1:][:, None], np.array([len(seq) - 1]))[0][:, 0]
-        diff = float(np.abs(picked - np.array(probe["target_logprobs"])).max())
-        state = self.initial_state()
-        for t in seq[:-1]:
-            logprobs, state = self.step_ids(state, np.array([t]))
-        diff = max(diff, float(np.abs(logprobs[0, :16] - np.array(probe["last_step_logprobs_head"])).max()))
-        if diff > probe["tolerance"] * (100 if "quantization" in self.bundle.manifest and self.bundle.manifest["quantization"] else 1):
-            raise BundleError(f"{self.bundle.path}: the probe's outputs differ from the manifest's by {diff:.2e} "
+        if key == "score":
+            picked = self._score_ids(seq[:-1][:, None], seq[1:][:, None], np.array([len(seq) - 1]))[0][:, 0]
+            diff = float(np.abs(picked - np.array(probe["target_logprobs"])).max())
+        else:
+            state = self.initial_state()
+            for t in seq[:-1]:
+                logprobs, state = self.step_ids(state, np.array([t]))
+            diff = float(np.abs(logprobs[0, :16] - np.array(probe["last_step_logprobs_head"])).max())
+        if diff > probe["tolerance"]:
+            raise BundleError(f"{self.bundle.file(key)}: the probe's outputs differ from the manifest's by {diff:.2e} "
                               f"(> {probe['tolerance']:g}) on {self.device}")
 
     # ------------------------------------------------------------------ state API
@@ -164,7 +198,7 @@ class LanguageModel:
 
     def step_ids(self, state: State, token_ids: np.ndarray) -> tuple[np.ndarray, State]:
         """Feed one token id per sequence: log-probabilities (batch, vocab) of the next token."""
-        logprobs, *new = self.sessions["step"].run(None, {"token_ids": np.asarray(token_ids, np.int64), **state.arrays})
+        logprobs, *new = self.session("step").run(None, {"token_ids": np.asarray(token_ids, np.int64), **state.arrays})
         return logprobs, State({s["input"]: v for s, v in zip(self.states, new, strict=True)})
 
     def step(self, state: State, token: str) -> tuple[np.ndarray, State]:
@@ -185,7 +219,7 @@ class LanguageModel:
         C = self.chunk
         state = state or self.initial_state(B)
         out = np.zeros((L, B), np.float32)
-        sess = self.sessions["score"]
+        sess = self.session("score")
         for start in range(0, max(L, 1), C):
             n = min(C, L - start)
             x = np.zeros((C, B), np.int64)

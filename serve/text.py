@@ -63,7 +63,8 @@ class Tokenizer:
         return out
 
     def text_tokens(self, text: str) -> list[Token]:
-        return [t for line in text.splitlines() for t in self.line_tokens(line)]
+        """Lines end at "\n" only (a trailing "\r" is dropped), exactly as ``stream`` reads a file."""
+        return [t for line in text.split("\n") for t in self.line_tokens(line.rstrip("\r"))]
 
     def stream(self, source: BinaryIO, name: str = "<input>") -> Iterator[Token]:
         """Tokens of a byte stream, read a block at a time: bounded memory for any line length."""

@@ -30,19 +30,23 @@ from bundles import (
     read_manifest,
     tree,
 )
+from rnnlm.export import spec
+from rnnlm.export.graphs import ScoreGraph
+from rnnlm.export.validate import ValidationError, run_score, run_step, session
 from typer.testing import CliRunner
 
 from rnnlm.checkpoint import load_model_dir
 from rnnlm.cli import app
 from rnnlm.errors import RnnlmError
-from rnnlm.export import spec
-from rnnlm.export.graphs import ScoreGraph, StepGraph
-from rnnlm.export.validate import ValidationError, run_score, run_step, session
 from rnnlm.model import LanguageModel, flatten_state
 
 CELL_LN = [pytest.param(c, ln, id=f"{c}-{'ln' if ln else 'plain'}") for c, ln in VARIANTS]
 V = len(TOKENS)
 BUNDLE_FILES = {"manifest.json", "step.onnx", "score.onnx", "vocab.txt"}
+# onnxruntime against PyTorch: the export's stated tolerance. A random-init HyperLSTM with layer norm
+# drifts ~3e-5 from float32 PyTorch over 29 steps (float32 and float64 PyTorch differ as much), so
+# 1e-5 is kept for the two graphs against each other, which run the same kernels.
+TORCH_TOL = 1e-4
 
 
 def expected_states(cell: str, num_layers: int) -> list[tuple[str, str, int]]:
@@ -148,12 +152,12 @@ def test_scoring_graph_equals_step_graph_and_torch(built: Callable[[str, bool], 
         score_lp, score_state = run_score(score_sess, states, CHUNK, tokens, targets, np.full(2, length, np.int64))
         np.testing.assert_allclose(score_lp, picked(step_lp, targets), atol=1e-5, err_msg=f"length {length}")
         ref_lp, ref_state = torch_logprobs(model, tokens)
-        np.testing.assert_allclose(step_lp, ref_lp, atol=1e-5, err_msg=f"length {length}")
-        np.testing.assert_allclose(score_lp, picked(ref_lp, targets), atol=1e-5, err_msg=f"length {length}")
+        np.testing.assert_allclose(step_lp, ref_lp, atol=TORCH_TOL, err_msg=f"length {length}")
+        np.testing.assert_allclose(score_lp, picked(ref_lp, targets), atol=TORCH_TOL, err_msg=f"length {length}")
         np.testing.assert_allclose(np.exp(step_lp).sum(-1), 1.0, atol=1e-5)  # a distribution over the vocabulary
         for s, ref in zip(states, ref_state, strict=True):
             np.testing.assert_allclose(step_state[s.input], score_state[s.input], atol=1e-5, rtol=1e-5)
-            np.testing.assert_allclose(step_state[s.input], ref, atol=1e-5, rtol=1e-5)
+            np.testing.assert_allclose(step_state[s.input], ref, atol=TORCH_TOL, rtol=TORCH_TOL)
 
     # Different lengths in one call: each column equals its own sequence run alone; padding is 0.
     lengths = np.array([3 * CHUNK + 5, CHUNK + 1, 0], np.int64)
@@ -166,9 +170,10 @@ def test_scoring_graph_equals_step_graph_and_torch(built: Callable[[str, bool], 
                 assert not mixed_state[s.input][col].any()  # a zero-length sample keeps its (zero) state
             continue
         ref_lp, ref_state = torch_logprobs(model, seq[:n, col : col + 1])
-        np.testing.assert_allclose(mixed_lp[:n, col], picked(ref_lp, seq[1 : n + 1, col : col + 1])[:, 0], atol=1e-5)
+        np.testing.assert_allclose(mixed_lp[:n, col], picked(ref_lp, seq[1 : n + 1, col : col + 1])[:, 0],
+                                   atol=TORCH_TOL)
         for s, ref in zip(states, ref_state, strict=True):
-            np.testing.assert_allclose(mixed_state[s.input][col], ref[0], atol=1e-5, rtol=1e-5)
+            np.testing.assert_allclose(mixed_state[s.input][col], ref[0], atol=TORCH_TOL, rtol=TORCH_TOL)
 
 
 # ------------------------------------------------------------------- 3. validation refuses a bad export
@@ -202,14 +207,15 @@ def _perturb_reference_state(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(validate, "torch_reference", bad)
 
 
-@pytest.mark.parametrize("over_existing", [False, True], ids=["new-out", "over-a-bundle"])
-@pytest.mark.parametrize("breakage", ["score-logprobs", "reference-state"])
+@pytest.mark.parametrize(("breakage", "over_existing"), [
+    pytest.param("score-logprobs", False, id="score-logprobs-new-out"),
+    pytest.param("score-logprobs", True, id="score-logprobs-over-a-bundle"),
+    pytest.param("reference-state", False, id="reference-state-new-out"),
+])
 def test_validation_refuses_a_broken_export(
     small_ckpt: Path, lstm_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, breakage: str,
     over_existing: bool,
 ) -> None:
-    if over_existing and breakage == "reference-state":
-        pytest.skip("one export over an existing bundle is enough")  # exports cost seconds
     out = tmp_path / "bundle"
     if over_existing:
         shutil.copytree(lstm_bundle, out)
@@ -231,8 +237,6 @@ def test_validation_refuses_a_broken_export(
     assert {p: file_sha256(tmp_path / p) for p in before if (tmp_path / p).is_file()} == hashes
 
 
-@pytest.mark.xfail(strict=True, reason="export/exporter.py: out_dir.parent.mkdir() runs before validation and is "
-                   "not undone when it fails, so a refused export still leaves the new parent directories")
 def test_refused_export_creates_no_parent_directories(small_ckpt: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     _perturb_score_output(monkeypatch)

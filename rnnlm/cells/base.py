@@ -100,7 +100,7 @@ class CandidateDropout(nn.Module):
 class GateLayerNorm(nn.Module):
     """Layer normalization (Ba et al. 2016) of each gate's pre-activation over its own units.
 
-    Input (..., G * H) holds G gates side by side; each gate is normalized over its H units and
+    Input (B, G * H) holds G gates side by side; each gate is normalized over its H units and
     gets its own gain and bias. Exported as ONNX LayerNormalization plus the per-gate affine.
     """
 
@@ -112,12 +112,12 @@ class GateLayerNorm(nn.Module):
 
     def normalize(self, x: Tensor) -> Tensor:
         """The zero-mean, unit-variance part, before the gain: (..., G, H)."""
-        x = x.reshape(*x.shape[:-1], self.num_gates, self.size)  # (..., G, H)
+        x = x.reshape(-1, self.num_gates, self.size)  # (B, G, H): a constant shape, no Shape ops in ONNX
         return F.layer_norm(x, (self.size,), eps=self.eps)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.normalize(x) * self.gain + self.bias  # (..., G, H)
-        return y.reshape(*x.shape)
+        y = self.normalize(x) * self.gain + self.bias  # (B, G, H)
+        return y.reshape(-1, self.num_gates * self.size)
 
 
 class Cell(Protocol):

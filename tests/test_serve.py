@@ -1,0 +1,476 @@
+"""Tests for rnnlm.serve: the torch-free runtime, its CLI, and its text normalization.
+
+References are computed here, independently of the scoring code: log-probabilities by stepping
+the step graph one token at a time and summing in numpy, greedy paths by ``np.argmax``, byte
+offsets by locating the bad byte in the test's own data. Bundles are built once per session
+(``conftest.py``); a test that damages one works on a copy.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rnnlm.serve.text as text_mod
+from bundles import CHUNK, TOKENS, WORDS, read_manifest, rehash, write_manifest
+from rnnlm.serve import BundleError, LanguageModel, Tokenizer
+from typer.testing import CliRunner
+
+from rnnlm.cli import app
+from rnnlm.errors import RnnlmError
+
+EOS = "<eos>"
+
+LINES = [
+    "the stock market fell",
+    "Shares of the company rose 3.5 percent in the quarter",  # capitals and a number
+    "investors said the new year was a new year for bonds and prices and rates and sales at the bank",
+    "traders",
+    "the zebra market rose 1,000 points",  # "zebra" and "points" are out of the vocabulary
+    " ".join(WORDS[:3 * CHUNK + 4]),  # longer than three chunks
+]
+
+
+@pytest.fixture(scope="module")
+def lm(lstm_bundle: Path) -> LanguageModel:
+    return LanguageModel.load(lstm_bundle, threads=1)
+
+
+def step_reference(lm: LanguageModel, ids: list[int]) -> np.ndarray:
+    """Log-probability of each id, predicted from <eos> then the ids before it, by stepping one
+    token at a time through the step graph; float64."""
+    state, prev, out = lm.initial_state(1), lm.eos_id, []
+    for i in ids:
+        lp, state = lm.step_ids(state, np.array([prev]))
+        out.append(float(lp[0, i]))
+        prev = i
+    return np.array(out, np.float64)
+
+
+def greedy_reference(lm: LanguageModel, prompt: list[str], n: int) -> list[int]:
+    state = lm.initial_state(1)
+    lp, state = lm.step_ids(state, np.array([lm.eos_id]))
+    for w in prompt:
+        lp, state = lm.step_ids(state, np.array([TOKENS.index(w)]))
+    out = []
+    for _ in range(n):
+        out.append(int(np.argmax(lp[0])))
+        lp, state = lm.step_ids(state, np.array([out[-1]]))
+    return out
+
+
+# --------------------------------------------------------------------------- 6. no torch at runtime
+
+
+def test_runtime_never_imports_torch(lstm_bundle: Path) -> None:
+    code = (
+        "import sys\n"
+        "from rnnlm.serve import LanguageModel\n"
+        "lm = LanguageModel.load(sys.argv[1], threads=1)\n"
+        "r = lm.score('the stock market fell')\n"
+        "g = lm.generate('the stock', max_new_tokens=5, seed=1, stop_at_eos=False)\n"
+        "assert r.tokens == 5 and len(g[0].split()) >= 1\n"
+        "print('TORCH-LOADED' if 'torch' in sys.modules else 'TORCH-FREE', r.tokens)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(lstm_bundle)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["TORCH-FREE", "5"], proc.stdout
+
+
+# ------------------------------------------------------------------------------------- 7. scoring
+
+
+def test_token_logprobs_sum_to_score_and_match_stepping(lm: LanguageModel) -> None:
+    text = "\n".join(LINES) + "\n"
+    per_token = lm.token_logprobs(text)
+    result = lm.score(text)
+    assert sum(lp for _, lp, _ in per_token) == pytest.approx(-result.nll, abs=1e-9)
+
+    # An independent count and sum: the tokens as PTB writes them, stepped one at a time.
+    words = [w.lower() for line in LINES for w in [*line.split(), EOS]]
+    words = ["N" if w in ("3.5", "1,000") else w for w in words]
+    assert [t for t, _, _ in per_token] == words
+    oov = [w not in TOKENS for w in words]
+    assert [o for _, _, o in per_token] == oov and sum(oov) == 2
+    ids = [TOKENS.index(w) if w in TOKENS else TOKENS.index("<unk>") for w in words]
+    ref = step_reference(lm, ids)
+    np.testing.assert_allclose([lp for _, lp, _ in per_token], ref, atol=1e-5)
+    n, n_oov = len(words), sum(oov)
+    assert (result.tokens, result.oov) == (n, n_oov)
+    assert result.nll == pytest.approx(-ref.sum(), abs=1e-4)
+    assert result.nll_in_vocab == pytest.approx(-ref[~np.array(oov)].sum(), abs=1e-4)
+    assert result.ppl == pytest.approx(math.exp(-ref.sum() / n), rel=1e-5)
+    assert result.ppl_in_vocab == pytest.approx(math.exp(-ref[~np.array(oov)].sum() / (n - n_oov)), rel=1e-5)
+    assert result.as_dict()["ppl"] == result.ppl and "bpc" not in result.as_dict()
+
+
+@pytest.mark.parametrize("n_words", [CHUNK - 2, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK - 1, 2 * CHUNK, 2 * CHUNK + 1])
+def test_scoring_graph_equals_stepping_around_the_chunk(lm: LanguageModel, n_words: int) -> None:
+    words = [WORDS[(7 * i) % len(WORDS)] for i in range(n_words)]  # n_words + 1 tokens with <eos>
+    per_token = lm.token_logprobs(" ".join(words))
+    ref = step_reference(lm, [TOKENS.index(w) for w in [*words, EOS]])
+    np.testing.assert_allclose([lp for _, lp, _ in per_token], ref, atol=1e-5)
+
+
+def test_state_carries_across_lines_and_blocks(lm: LanguageModel) -> None:
+    text = "\n".join(LINES)
+    tokens = lm.tokenizer.text_tokens(text)
+    whole = lm.score_tokens(tokens)
+    for block in (1, 5, CHUNK, CHUNK + 3):  # blocks that end inside and at the edge of chunks
+        r = lm.score_tokens(tokens, block=block)
+        assert (r.tokens, r.oov) == (whole.tokens, whole.oov)
+        assert r.nll == pytest.approx(whole.nll, abs=1e-4), block
+    # A text is one stream: its NLL is not the sum of its lines scored alone (the state carries).
+    alone = sum(lm.score(line).nll for line in LINES)
+    assert abs(alone - whole.nll) > 1e-3
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+def test_score_lines_equals_each_line_alone(lm: LanguageModel, batch_size: int) -> None:
+    lines = [*LINES[:3], "", *LINES[3:], "   ", LINES[1]]
+    results = lm.score_lines(lines, batch_size=batch_size, per_token=True)
+    assert len(results) == len(lines)
+    for line, r in zip(lines, results, strict=True):
+        if not line.strip():
+            assert (r.tokens, r.oov, r.nll) == (0, 0, 0.0)
+            continue
+        alone = lm.score(line, per_token=True)
+        assert (r.tokens, r.oov) == (alone.tokens, alone.oov)
+        assert r.nll == pytest.approx(alone.nll, abs=1e-4), line
+        assert r.nll_in_vocab == pytest.approx(alone.nll_in_vocab, abs=1e-4), line
+        assert r.per_token is not None and alone.per_token is not None
+        np.testing.assert_allclose([v for _, v, _ in r.per_token], [v for _, v, _ in alone.per_token], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------- 8. generation
+
+
+def test_generation_is_repeatable_and_seeded(lm: LanguageModel) -> None:
+    kw = dict(max_new_tokens=15, temperature=1.0, stop_at_eos=False)
+    assert lm.generate("the stock market", seed=7, **kw) == lm.generate("the stock market", seed=7, **kw)
+    samples = {lm.generate("the stock market", seed=s, **kw)[0] for s in range(5)}
+    assert len(samples) > 1
+    three = lm.generate("the stock", seed=3, num_samples=3, max_new_tokens=10)
+    assert len(three) == 3 and all(isinstance(s, str) for s in three)
+    for s in three:
+        assert set(s.split()) <= set(TOKENS) - {EOS}  # stopped at <eos>: it is not in the text
+
+
+def test_greedy_paths_are_the_argmax(lm: LanguageModel) -> None:
+    prompt, n = ["the", "stock", "market"], 25
+    ref = greedy_reference(lm, prompt, n)
+    for kw in ({"temperature": 0.0}, {"top_k": 1, "seed": 11}, {"top_p": 1e-9, "seed": 12}):
+        ids = [int(c[0]) for c in lm.generate_ids(" ".join(prompt), max_new_tokens=n, stop_at_eos=False, **kw)]
+        assert ids == ref, kw
+    text = lm.generate("The Stock market", temperature=0, max_new_tokens=n)[0]  # stops at <eos>
+    upto = ref[: ref.index(lm.eos_id)] if lm.eos_id in ref else ref
+    assert text == " ".join(TOKENS[i] for i in upto)
+    # Greedy with several samples: all equal, and each equals the single greedy path.
+    cols = list(lm.generate_ids("the stock market", max_new_tokens=n, temperature=0, num_samples=3, stop_at_eos=False))
+    assert all(list(c) == [r] * 3 for c, r in zip(cols, ref, strict=True))
+
+
+@pytest.mark.parametrize("bad", [
+    {"temperature": -1.0}, {"temperature": float("nan")}, {"temperature": float("inf")}, {"top_k": 0},
+    {"top_k": len(TOKENS) + 1}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_p": float("nan")}, {"max_new_tokens": 0},
+    {"max_new_tokens": 10_001}, {"num_samples": 0},
+])
+def test_generate_refuses_bad_settings(lm: LanguageModel, bad: dict) -> None:
+    with pytest.raises(RnnlmError):
+        lm.generate("the stock", **bad)
+
+
+# ------------------------------------------------------------------------------ 9. loading refusals
+
+
+def _flip_byte(b: Path) -> None:
+    data = bytearray((b / "score.onnx").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (b / "score.onnx").write_bytes(bytes(data))
+
+
+def _truncate(b: Path) -> None:
+    (b / "score.onnx").write_bytes((b / "score.onnx").read_bytes()[:1000])
+
+
+def _truncate_rehashed(b: Path) -> None:
+    _truncate(b)
+    rehash(b, "score.onnx")
+
+
+def _delete_step(b: Path) -> None:
+    (b / "step.onnx").unlink()
+
+
+def _vocab_line_removed(b: Path) -> None:
+    lines = (b / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    (b / "vocab.txt").write_text("\n".join(lines[1:]) + "\n", encoding="utf-8")  # drop "the"
+    rehash(b, "vocab.txt")
+
+
+def _vocab_and_size(b: Path) -> None:
+    _vocab_line_removed(b)
+    m = read_manifest(b)
+    m["vocab"]["size"] -= 1
+    write_manifest(b, m)
+
+
+def _vocab_size_and_ids(b: Path) -> None:
+    _vocab_and_size(b)
+    m = read_manifest(b)
+    m["vocab"]["unk_id"] -= 1
+    m["vocab"]["eos_id"] -= 1
+    write_manifest(b, m)
+
+
+def _manifest(edit):  # type: ignore[no-untyped-def]
+    def apply(b: Path) -> None:
+        m = read_manifest(b)
+        edit(m)
+        write_manifest(b, m)
+
+    return apply
+
+
+def _probe_edit(m: dict) -> None:
+    m["probe"]["target_logprobs"][2] += 1.0
+
+
+def _rename_input(m: dict) -> None:
+    m["graphs"]["step"]["inputs"][0]["name"] = "tokens"
+
+
+# name -> (damage, words the message must hold)
+DAMAGE = {
+    "flipped-byte": (_flip_byte, ["score.onnx", "sha256", "does not match"]),
+    "truncated": (_truncate, ["score.onnx", "size 1000 bytes", "truncated"]),
+    "truncated-rehashed": (_truncate_rehashed, ["score.onnx", "onnxruntime cannot load it"]),
+    "missing-file": (_delete_step, ["step.onnx", "missing"]),
+    "vocab-line-removed": (_vocab_line_removed, ["vocab.txt", f"{len(TOKENS) - 1} tokens", f"says {len(TOKENS)}"]),
+    "vocab-special-moved": (_vocab_and_size, ["vocab.txt", "<unk> is not at line"]),
+    "vocab-vs-logits": (_vocab_size_and_ids, ["vocab.txt", f"the model predicts {len(TOKENS)}"]),
+    "format-version": (_manifest(lambda m: m.update(format_version=2)), ["manifest.json", "format version 2"]),
+    "not-a-bundle": (_manifest(lambda m: m.update(format="other")), ["manifest.json", "not an rnnlm bundle"]),
+    "no-probe": (_manifest(lambda m: m.pop("probe")), ["manifest.json", "'probe'"]),
+    "probe-tampered": (_manifest(_probe_edit), ["probe", "differ from the manifest's by 1.00e+00"]),
+    "graph-names": (_manifest(_rename_input), ["step.onnx", "do not match the manifest"]),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_loading_refuses_a_damaged_bundle(lstm_bundle: Path, tmp_path: Path, case: str) -> None:
+    copy = tmp_path / "bundle"
+    shutil.copytree(lstm_bundle, copy)
+    damage, words = DAMAGE[case]
+    damage(copy)
+    with pytest.raises(BundleError) as info:
+        LanguageModel.load(copy, threads=1)
+    assert isinstance(info.value, RnnlmError)
+    for w in words:
+        assert w in info.value.message, info.value.message
+    LanguageModel.load(lstm_bundle, threads=1)  # the shared original is intact
+
+
+def test_loading_finds_a_bundle_inside_a_model_dir(lstm_bundle: Path, tmp_path: Path) -> None:
+    shutil.copytree(lstm_bundle, tmp_path / "model" / "onnx")
+    assert LanguageModel.load(tmp_path / "model", threads=1).bundle.path == tmp_path / "model" / "onnx"
+    for missing in (tmp_path / "nowhere", tmp_path / "model" / "onnx" / "vocab.txt"):
+        with pytest.raises(BundleError):
+            LanguageModel.load(missing)
+
+
+# ------------------------------------------------------------------------------------------ 10. CLI
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    r = CliRunner().invoke(app, list(args))
+    assert "Traceback" not in r.output, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    return r.exit_code, r.stdout, r.stderr
+
+
+def assert_one_error_line(code: int, err: str, *words: str) -> str:
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
+
+
+def test_cli_score_json_matches_the_api(lm: LanguageModel, lstm_bundle: Path, tmp_path: Path) -> None:
+    f = tmp_path / "text.txt"
+    f.write_text("\n".join(LINES[:2]) + "\n\n" + "\n".join(LINES[2:]) + "\n", encoding="utf-8")
+    code, out, err = cli("score", str(f), "--model", str(lstm_bundle), "--json")
+    assert code == 0, err
+    last = json.loads(out.strip().splitlines()[-1])
+    assert {"tokens", "oov", "nll", "ppl"} <= set(last)
+    api = lm.score(f.read_text(encoding="utf-8"))
+    assert (last["tokens"], last["oov"]) == (api.tokens, api.oov) == (sum(len(x.split()) + 1 for x in LINES), 2)
+    assert last["nll"] == pytest.approx(api.nll, abs=1e-4) and last["ppl"] == pytest.approx(api.ppl, rel=1e-5)
+    assert "2 of" in err and "out of the model's vocabulary" in err
+
+    code, out, err = cli("score", str(f), "--model", str(lstm_bundle), "--per-line", "--json", "--batch-size", "2")
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.strip().splitlines()]
+    file_lines = f.read_text(encoding="utf-8").splitlines()
+    expected = lm.score_lines(file_lines)
+    per_line = [r for r in rows if "line" in r]
+    assert [r["line"] for r in per_line] == [i + 1 for i, x in enumerate(file_lines) if x.strip()]
+    for r in per_line:
+        e = expected[r["line"] - 1]
+        assert (r["tokens"], r["oov"]) == (e.tokens, e.oov)
+        assert r["nll"] == pytest.approx(e.nll, abs=1e-4) and r["ppl"] == pytest.approx(e.ppl, rel=1e-5)
+    assert rows[-1]["total"] is True and rows[-1]["tokens"] == sum(r["tokens"] for r in per_line)
+
+
+def _bad_utf8(tmp_path: Path) -> tuple[Path, int]:
+    prefix = "the stock café market\nfell €5 ".encode()
+    f = tmp_path / "bad.txt"
+    f.write_bytes(prefix + b"\xff rose\n")
+    return f, len(prefix)
+
+
+def _file(name: str, data: bytes):  # type: ignore[no-untyped-def]
+    def make(p: Path) -> Path:
+        (p / name).write_bytes(data)
+        return p / name
+
+    return make
+
+
+BAD_FILES = {
+    "missing": (lambda p: p / "nope.txt", ["nope.txt", "no such file"]),
+    "directory": (lambda p: p, ["is a directory"]),
+    "empty": (_file("e.txt", b""), ["empty"]),
+    "whitespace": (_file("w.txt", b" \n\t\n  \r\n"), ["empty or only whitespace"]),
+    "binary": (_file("b.bin", b"the stock\n\x00\x01\x02"), ["binary data", "a NUL byte at offset 10"]),
+}
+
+
+@pytest.mark.parametrize("per_line", [False, True], ids=["stream", "per-line"])
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_cli_score_refuses_bad_files(lstm_bundle: Path, tmp_path: Path, case: str, per_line: bool) -> None:
+    make, words = BAD_FILES[case]
+    path = make(tmp_path)
+    code, out, err = cli("score", str(path), "--model", str(lstm_bundle), *(["--per-line"] if per_line else []))
+    assert_one_error_line(code, err, *words)
+
+
+@pytest.mark.parametrize("block", [None, 1, 7, 8], ids=["1MiB", "1", "7", "8"])
+def test_cli_score_names_the_offset_of_invalid_utf8(lstm_bundle: Path, tmp_path: Path, block: int | None,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    if block is not None:
+        monkeypatch.setattr(text_mod, "BLOCK", block)
+    f, offset = _bad_utf8(tmp_path)
+    assert f.read_bytes()[offset] == 0xFF and f.read_bytes()[:offset].decode() == "the stock café market\nfell €5 "
+    code, _, err = cli("score", str(f), "--model", str(lstm_bundle))
+    assert_one_error_line(code, err, f"invalid UTF-8 at byte offset {offset}")
+    # A character cut off by the end of the file: the offset of its first byte.
+    f.write_bytes("the stock €".encode()[:-1])
+    code, _, err = cli("score", str(f), "--model", str(lstm_bundle), "--per-line")
+    assert_one_error_line(code, err, f"invalid UTF-8 at byte offset {len('the stock ')}")
+
+
+@pytest.mark.parametrize(("option", "value", "words"), [
+    ("--temperature", "-1", ["temperature"]), ("--temperature", "nan", ["temperature"]),
+    ("--top-k", "0", ["top-k"]), ("--top-k", str(len(TOKENS) + 1), ["top-k", str(len(TOKENS))]),
+    ("--top-p", "0", ["top-p"]), ("--top-p", "1.5", ["top-p"]),
+    ("--max-tokens", "0", ["max-tokens"]), ("--max-tokens", "10001", ["max-tokens", "10,000"]),
+])
+def test_cli_generate_refuses_bad_settings(lstm_bundle: Path, option: str, value: str, words: list[str]) -> None:
+    code, _, err = cli("generate", "--model", str(lstm_bundle), "--prompt", "the stock", option, value)
+    assert_one_error_line(code, err, *words)
+
+
+def test_cli_generate_is_repeatable_and_accepts_unknown_prompts(lstm_bundle: Path) -> None:
+    args = ("generate", "--model", str(lstm_bundle), "--prompt", "the stock market", "--seed", "7", "--max-tokens", "12",
+            "--no-stop")
+    first, second = cli(*args), cli(*args)
+    assert first[0] == 0 and first == second
+    assert first[1].startswith("the stock market ") and len(first[1].split()) > 3
+
+    code, out, err = cli("generate", "--model", str(lstm_bundle), "--prompt", "zyzzyva quixotic", "--seed", "1",
+                         "--max-tokens", "5")
+    assert code == 0, err
+    assert out.startswith("zyzzyva quixotic")
+    assert "2 of 2 prompt tokens are out of the vocabulary" in err
+
+    code, out, err = cli("generate", "--model", str(lstm_bundle), "--prompt", "the", "--num-samples", "3", "--json",
+                         "--seed", "2", "--max-tokens", "4")
+    assert code == 0, err
+    assert len(json.loads(out)["samples"]) == 3
+
+
+# ------------------------------------------------------------------------------ 11. normalization
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer(TOKENS, level="word")
+
+
+def texts(tokens: list) -> list[str]:
+    return [t.text for t in tokens]
+
+
+def test_word_normalization_follows_ptb(tok: Tokenizer) -> None:
+    assert texts(tok.line_tokens("The STOCK Market")) == ["the", "stock", "market", EOS]
+    numbers = tok.line_tokens("1,000 3.5 -2 10:30 1/2 N 1980s <unk> <eos>", eos=False)
+    assert texts(numbers) == ["N", "N", "N", "N", "N", "N", "1980s", "<unk>", "<eos>"]
+    assert [t.oov for t in numbers] == [False] * 6 + [True, False, False]
+    assert numbers[6].id == TOKENS.index("<unk>") and numbers[0].id == TOKENS.index("N")
+    assert texts(tok.line_tokens("Zebra-1 a.b")) == ["zebra-1", "a.b", EOS]  # letters: not numbers
+    assert texts(tok.text_tokens("the market\n\n   \n\tRose \r\nfell")) == ["the", "market", EOS, "rose", EOS, "fell", EOS]
+    raw = Tokenizer(TOKENS, level="word", raw=True)
+    assert [(t.text, t.oov) for t in raw.line_tokens("The 1,000", eos=False)] == [("The", True), ("1,000", True)]
+
+
+STREAM_TEXT = (
+    "The Stock market fell 1,000 points\n"
+    "\n"
+    "café crème — prices rose 3.5 % in 東京 and Zürich €12\r\n"
+    "   \n"
+    "a very long line " + "shares and bonds " * 9 + "😀😀 ünïcödé\n"
+    "naïve investors\tsaid 1980s\n"
+    "no newline at the end ß"
+)
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 5, 7, 64])
+def test_stream_in_tiny_blocks_equals_text_tokens(tok: Tokenizer, block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = STREAM_TEXT.encode("utf-8")
+    # Some multi-byte character really is cut by a block boundary.
+    starts = [len(STREAM_TEXT[:i].encode()) for i in range(len(STREAM_TEXT))]
+    cut = [s for i, s in enumerate(starts) if len(STREAM_TEXT[i].encode()) > 1 and (s // block) != ((s + len(STREAM_TEXT[i].encode()) - 1) // block)]
+    assert block == 64 or cut
+    monkeypatch.setattr(text_mod, "BLOCK", block)
+    streamed = list(tok.stream(io.BytesIO(data), "test"))
+    assert streamed == tok.text_tokens(STREAM_TEXT)
+    assert texts(streamed)[:7] == ["the", "stock", "market", "fell", "N", "points", EOS]
+    assert sum(t.text == EOS for t in streamed) == 5
+
+
+def test_stream_and_text_tokens_agree_on_what_a_line_is(tok: Tokenizer) -> None:
+    text = "the stock\x0cmarket\u2028fell\rrose\x85shares\n"
+    assert texts(tok.stream(io.BytesIO(text.encode()), "t")) == texts(tok.text_tokens(text))
+
+
+def test_file_scores_the_same_through_the_cli_and_the_api(lm: LanguageModel, lstm_bundle: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(text_mod, "BLOCK", 7)
+    f = tmp_path / "t.txt"
+    f.write_bytes(STREAM_TEXT.encode("utf-8"))
+    code, out, err = cli("score", str(f), "--model", str(lstm_bundle), "--json")
+    assert code == 0, err
+    total = json.loads(out.strip().splitlines()[-1])
+    api = lm.score(STREAM_TEXT)
+    assert (total["tokens"], total["oov"]) == (api.tokens, api.oov)
+    assert total["nll"] == pytest.approx(api.nll, abs=1e-4)
