@@ -92,6 +92,97 @@ def bundle_for(cell: str, tmp: Path) -> tuple[Path, Path]:
     return tmp / cell, tmp / cell / "onnx"
 
 
+def bench_cell(cell: str, args: argparse.Namespace, tmp: Path, bw: float, test_ids: np.ndarray,
+               lines: list[str]) -> None:
+    model_dir, bundle = bundle_for(cell, tmp)
+    model, vocab = load_model_dir(model_dir)
+    lm = OrtLM.load(bundle, device="cpu", threads=args.threads)
+    print(f"== {cell} ({model.num_parameters() / 1e6:.2f}M parameters, bundle {bundle})")
+
+    # 1. generation step latency, batch 1
+    state_t, tok = model.init_state(1), torch.tensor([vocab.eos_id])
+    with torch.no_grad():
+        for _ in range(20):
+            model.step(tok, state_t)
+        t_torch = median_time(lambda: [model.step(tok, state_t) for _ in range(100)], 5) / 100
+    s, tid = lm.initial_state(1), np.array([vocab.eos_id])
+    for _ in range(20):
+        lm.step_ids(s, tid)
+    t_ort = median_time(lambda: [lm.step_ids(s, tid) for _ in range(100)], 5) / 100
+    print(f"  step latency, batch 1: torch {t_torch * 1e6:.0f} us, ort {t_ort * 1e6:.0f} us -> {t_torch / t_ort:.2f}x  (goal >= 4x)")
+
+    # 4. roofline of the step
+    wbytes = step_weight_bytes(model)
+    ideal = wbytes / bw
+    print(f"  roofline: {wbytes / 1e6:.1f} MB of weights per step, ideal {ideal * 1e6:.0f} us at {bw / 1e9:.1f} GB/s "
+          f"-> {ideal / t_ort:.0%} of the roofline  (goal >= 70%)")
+
+    # 2. exact scoring, batch 1
+    t0 = time.perf_counter()
+    ref = evaluate(model, test_ids, start_id=vocab.eos_id, batch_size=1, bptt=lm.chunk)
+    t_torch = time.perf_counter() - t0
+    toks = [lm.tokenizer.token(vocab.itos[i]) for i in test_ids]
+    t0 = time.perf_counter()
+    got = lm.score_tokens(toks)
+    t_ort = time.perf_counter() - t0
+    assert abs(got.nll / ref.nll - 1) < 1e-4, (got.nll, ref.nll)
+    n = len(test_ids)
+    print(f"  exact scoring, batch 1: torch {n / t_torch:,.0f} tok/s, ort scoring graph {n / t_ort:,.0f} tok/s "
+          f"-> {t_torch / t_ort:.2f}x  (goal >= 4x); same nll to {abs(got.nll / ref.nll - 1):.1e}")
+    m = min(n, 3000)
+    st = lm.initial_state(1)
+    t0 = time.perf_counter()
+    prev = vocab.eos_id
+    for i in test_ids[:m]:
+        _, st = lm.step_ids(st, np.array([prev]))
+        prev = int(i)
+    t_step = (time.perf_counter() - t0) / m
+    print(f"  alternative, step graph token by token: {1 / t_step:,.0f} tok/s "
+          f"(the scoring graph is {(1 / (t_ort / n)) * t_step:.1f}x faster)")
+
+    # 3. per-line scoring
+    t0 = time.perf_counter()
+    batched = lm.score_lines(lines, batch_size=64)
+    t_batched = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    serial = [lm.score(line) for line in lines]
+    t_serial = time.perf_counter() - t0
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        for line in lines[:300]:
+            ids = torch.tensor([vocab.stoi.get(w, vocab.unk_id) for w in line.split()] + [vocab.eos_id])
+            x = torch.cat([torch.tensor([vocab.eos_id]), ids[:-1]])[:, None]
+            model(x, model.init_state(1))
+        t_torch_lines = (time.perf_counter() - t0) * len(lines) / 300
+    assert all(abs(a.nll - b.nll) < 1e-3 for a, b in zip(batched, serial, strict=True))
+    print(f"  per-line scoring of {len(lines)} lines: batched {len(lines) / t_batched:,.0f} lines/s; "
+          f"serial ort loop {t_serial / t_batched:.1f}x slower, serial torch loop {t_torch_lines / t_batched:.1f}x slower  (goal >= 10x)")
+
+    # 6. int8
+    q = model_dir / "onnx-int8"
+    if (q / "manifest.json").exists():
+        lq = OrtLM.load(q, device="cpu", threads=args.threads)
+        t0 = time.perf_counter()
+        gq = lq.score_tokens(toks)
+        t_q = time.perf_counter() - t0
+        print(f"  int8: scoring {t_ort / t_q:.2f}x faster than fp32 (goal >= 1.8x); ppl on these tokens "
+              f"{math.exp(got.nll / n):.2f} -> {math.exp(gq.nll / n):.2f} ({math.exp((gq.nll - got.nll) / n) - 1:+.2%}, goal <= 2%)")
+
+    # 5. cold start
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        f.write("the stock market fell\n")
+    exe = Path(sys.executable).with_name("rnnlm")
+    walls = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        subprocess.run([str(exe), "score", f.name, "--model", str(bundle), "--device", "cpu"], check=True,
+                       capture_output=True)
+        walls.append(time.perf_counter() - t0)
+    os.unlink(f.name)
+    print(f"  cold start of `rnnlm score` on one line: {statistics.median(walls):.2f} s (median of 3; goal <= 0.6 s)\n")
+
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cells", nargs="+", default=["lstm", "rhn", "hypernets"])
@@ -110,93 +201,7 @@ def main() -> None:
     print(f"measured GEMV bandwidth (ORT MatMul 256 x 10000 fp32): {bw / 1e9:.1f} GB/s\n")
     with tempfile.TemporaryDirectory() as tmpdir:
         for cell in args.cells:
-            model_dir, bundle = bundle_for(cell, Path(tmpdir))
-            model, vocab = load_model_dir(model_dir)
-            lm = OrtLM.load(bundle, device="cpu", threads=args.threads)
-            print(f"== {cell} ({model.num_parameters() / 1e6:.2f}M parameters, bundle {bundle})")
-
-            # 1. generation step latency, batch 1
-            state_t, tok = model.init_state(1), torch.tensor([vocab.eos_id])
-            with torch.no_grad():
-                for _ in range(20):
-                    model.step(tok, state_t)
-                t_torch = median_time(lambda: [model.step(tok, state_t) for _ in range(100)], 5) / 100
-            s, tid = lm.initial_state(1), np.array([vocab.eos_id])
-            for _ in range(20):
-                lm.step_ids(s, tid)
-            t_ort = median_time(lambda: [lm.step_ids(s, tid) for _ in range(100)], 5) / 100
-            print(f"  step latency, batch 1: torch {t_torch * 1e6:.0f} us, ort {t_ort * 1e6:.0f} us -> {t_torch / t_ort:.2f}x  (goal >= 4x)")
-
-            # 4. roofline of the step
-            wbytes = step_weight_bytes(model)
-            ideal = wbytes / bw
-            print(f"  roofline: {wbytes / 1e6:.1f} MB of weights per step, ideal {ideal * 1e6:.0f} us at {bw / 1e9:.1f} GB/s "
-                  f"-> {ideal / t_ort:.0%} of the roofline  (goal >= 70%)")
-
-            # 2. exact scoring, batch 1
-            t0 = time.perf_counter()
-            ref = evaluate(model, test_ids, start_id=vocab.eos_id, batch_size=1, bptt=lm.chunk)
-            t_torch = time.perf_counter() - t0
-            toks = [lm.tokenizer.token(vocab.itos[i]) for i in test_ids]
-            t0 = time.perf_counter()
-            got = lm.score_tokens(toks)
-            t_ort = time.perf_counter() - t0
-            assert abs(got.nll / ref.nll - 1) < 1e-4, (got.nll, ref.nll)
-            n = len(test_ids)
-            print(f"  exact scoring, batch 1: torch {n / t_torch:,.0f} tok/s, ort scoring graph {n / t_ort:,.0f} tok/s "
-                  f"-> {t_torch / t_ort:.2f}x  (goal >= 4x); same nll to {abs(got.nll / ref.nll - 1):.1e}")
-            m = min(n, 3000)
-            st = lm.initial_state(1)
-            t0 = time.perf_counter()
-            prev = vocab.eos_id
-            for i in test_ids[:m]:
-                _, st = lm.step_ids(st, np.array([prev]))
-                prev = int(i)
-            t_step = (time.perf_counter() - t0) / m
-            print(f"  alternative, step graph token by token: {1 / t_step:,.0f} tok/s "
-                  f"(the scoring graph is {(1 / (t_ort / n)) * t_step:.1f}x faster)")
-
-            # 3. per-line scoring
-            t0 = time.perf_counter()
-            batched = lm.score_lines(lines, batch_size=64)
-            t_batched = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            serial = [lm.score(line) for line in lines]
-            t_serial = time.perf_counter() - t0
-            with torch.no_grad():
-                t0 = time.perf_counter()
-                for line in lines[:300]:
-                    ids = torch.tensor([vocab.stoi.get(w, vocab.unk_id) for w in line.split()] + [vocab.eos_id])
-                    x = torch.cat([torch.tensor([vocab.eos_id]), ids[:-1]])[:, None]
-                    model(x, model.init_state(1))
-                t_torch_lines = (time.perf_counter() - t0) * len(lines) / 300
-            assert all(abs(a.nll - b.nll) < 1e-3 for a, b in zip(batched, serial, strict=True))
-            print(f"  per-line scoring of {len(lines)} lines: batched {len(lines) / t_batched:,.0f} lines/s; "
-                  f"serial ort loop {t_serial / t_batched:.1f}x slower, serial torch loop {t_torch_lines / t_batched:.1f}x slower  (goal >= 10x)")
-
-            # 6. int8
-            q = model_dir / "onnx-int8"
-            if (q / "manifest.json").exists():
-                lq = OrtLM.load(q, device="cpu", threads=args.threads)
-                t0 = time.perf_counter()
-                gq = lq.score_tokens(toks)
-                t_q = time.perf_counter() - t0
-                print(f"  int8: scoring {t_ort / t_q:.2f}x faster than fp32 (goal >= 1.8x); ppl on these tokens "
-                      f"{math.exp(got.nll / n):.2f} -> {math.exp(gq.nll / n):.2f} ({math.exp((gq.nll - got.nll) / n) - 1:+.2%}, goal <= 2%)")
-
-            # 5. cold start
-            with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
-                f.write("the stock market fell\n")
-            exe = Path(sys.executable).with_name("rnnlm")
-            walls = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                subprocess.run([str(exe), "score", f.name, "--model", str(bundle), "--device", "cpu"], check=True,
-                               capture_output=True)
-                walls.append(time.perf_counter() - t0)
-            os.unlink(f.name)
-            print(f"  cold start of `rnnlm score` on one line: {statistics.median(walls):.2f} s (median of 3; goal <= 0.6 s)\n")
-
+            bench_cell(cell, args, Path(tmpdir), bw, test_ids, lines)
 
 if __name__ == "__main__":
     main()

@@ -117,6 +117,9 @@ class LanguageModel:
         self._options = opts
         self.providers = providers_for(device)
         self._sessions: dict[str, ort.InferenceSession] = {}
+        # On CUDA, generation keeps the recurrent state on the device between steps (IOBinding);
+        # only the token ids go in and the log-probabilities come out.
+        self.bind_state = "CUDAExecutionProvider" in self.providers
         self.session("score")  # refuse a broken bundle at load time, whichever graph it is;
         if eager:  # the step graph is checked when first used unless asked for now
             self.session("step")
@@ -321,10 +324,19 @@ class LanguageModel:
                        vocab_size=len(self.vocab), num_samples=num_samples, cap=MAX_NEW_TOKENS)
         rng = np.random.default_rng(seed)
         prompt_ids = [t.id for t in self.tokenizer.line_tokens(prompt, eos=False)] if prompt.strip() else []
+        stepper = BoundStepper(self, num_samples) if self.bind_state else None
         state = self.initial_state(num_samples)
         logprobs = None
+
+        def advance(ids: np.ndarray) -> np.ndarray:
+            nonlocal state
+            if stepper is not None:
+                return stepper.step(ids)
+            out, state = self.step_ids(state, ids)
+            return out
+
         for tid in [self.eos_id, *prompt_ids]:  # an empty prompt starts a sentence from <eos>
-            logprobs, state = self.step_ids(state, np.full(num_samples, tid, np.int64))
+            logprobs = advance(np.full(num_samples, tid, np.int64))
         assert logprobs is not None
         done = np.zeros(num_samples, bool)
         for _ in range(max_new_tokens):
@@ -335,7 +347,7 @@ class LanguageModel:
                 done |= nxt == self.eos_id
                 if done.all():
                     return
-            logprobs, state = self.step_ids(state, nxt)
+            logprobs = advance(nxt)
 
     def generate(self, prompt: str = "", *, max_new_tokens: int = 50, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, num_samples: int = 1,
@@ -358,3 +370,28 @@ class LanguageModel:
         if self.level == "char":
             return "".join("\n" if t == self.tokenizer.eos else (" " if t == "_" else t) for t in toks)
         return " ".join("\n" if t == self.tokenizer.eos else t for t in toks).replace(" \n ", "\n")
+
+
+class BoundStepper:
+    """The step graph through IOBinding: the state stays where the session runs (GPU memory on
+    CUDA) as OrtValues, swapped from outputs to inputs at every step, never copied to the host."""
+
+    def __init__(self, lm: LanguageModel, batch: int) -> None:
+        self.sess = lm.session("step")
+        self.names = [(s["input"], s["output"]) for s in lm.states]
+        self.device = "cuda" if "CUDAExecutionProvider" in self.sess.get_providers() else "cpu"
+        self.states = [ort.OrtValue.ortvalue_from_numpy(a, self.device, 0) for a in lm.initial_state(batch).arrays.values()]
+
+    def step(self, token_ids: np.ndarray) -> np.ndarray:
+        binding = self.sess.io_binding()
+        binding.bind_cpu_input("token_ids", np.ascontiguousarray(token_ids, np.int64))
+        for (name_in, _), value in zip(self.names, self.states, strict=True):
+            binding.bind_ortvalue_input(name_in, value)
+        binding.bind_output("logprobs", "cpu")  # sampling happens on the host
+        for _, name_out in self.names:
+            binding.bind_output(name_out, self.device)
+        self.sess.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        self.states = list(outputs[1:])
+        return outputs[0].numpy()
+

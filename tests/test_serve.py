@@ -474,3 +474,12 @@ def test_file_scores_the_same_through_the_cli_and_the_api(lm: LanguageModel, lst
     api = lm.score(STREAM_TEXT)
     assert (total["tokens"], total["oov"]) == (api.tokens, api.oov)
     assert total["nll"] == pytest.approx(api.nll, abs=1e-4)
+
+
+def test_iobinding_generation_equals_the_plain_path(lstm_bundle: Path) -> None:
+    """The CUDA path (state kept in OrtValues between steps) runs on CPU too: it must give the same text."""
+    lm = LanguageModel.load(lstm_bundle, device="cpu", threads=1)
+    plain = lm.generate("the stock", max_new_tokens=25, temperature=1.0, seed=3, num_samples=2, stop_at_eos=False)
+    lm.bind_state = True
+    bound = lm.generate("the stock", max_new_tokens=25, temperature=1.0, seed=3, num_samples=2, stop_at_eos=False)
+    assert bound == plain and len(plain) == 2
