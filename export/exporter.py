@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -29,19 +28,11 @@ from rnnlm import __version__
 from rnnlm.checkpoint import load_model_dir
 from rnnlm.data import Vocabulary, load_ptb
 from rnnlm.errors import RnnlmError
-from rnnlm.fsutil import atomic_write_text, replace_dir
+from rnnlm.fsutil import atomic_write_text, replace_dir, sha256
 from rnnlm.model import LanguageModel
 
 QUANT_TOLERANCE = 0.05  # the relative perplexity rise an int8 bundle may show
 PROBE_TOKENS = 6
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync(path: Path) -> None:

@@ -7,13 +7,13 @@ logits dimension; the probe (a fixed input with its expected outputs) is run by 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rnnlm.errors import RnnlmError
+from rnnlm.fsutil import sha256
 
 FORMAT = "rnnlm-bundle"
 SUPPORTED_VERSIONS = (1,)
@@ -22,14 +22,6 @@ MANIFEST = "manifest.json"
 
 class BundleError(RnnlmError):
     """A bundle that cannot be trusted: the message names the file and the check."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def find_bundle(path: str | Path | None, search_root: str | Path = "models") -> Path:
@@ -87,7 +79,7 @@ class Bundle:
             size = f.stat().st_size
             if size != meta["bytes"]:
                 raise BundleError(f"{f}: size {size} bytes, manifest says {meta['bytes']} (truncated or replaced)")
-            digest = _sha256(f)
+            digest = sha256(f)
             if digest != meta["sha256"]:
                 raise BundleError(f"{f}: sha256 {digest[:16]}... does not match the manifest's {meta['sha256'][:16]}...")
 
