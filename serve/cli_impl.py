@@ -3,6 +3,7 @@ Results go to stdout (text, or JSON lines with --json); notes and progress go to
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import sys
@@ -15,6 +16,7 @@ from rnnlm.serve.runtime import LanguageModel, ScoreResult
 from rnnlm.serve.text import TextError, Token, lines_of, open_input
 
 OOV_MARK = "\t<oov>"
+GROUP_LINES = 8192  # lines read and scored together by --per-line
 
 
 def note(message: str) -> None:
@@ -47,6 +49,24 @@ def _progress(name: str, enabled: bool) -> Any:
                     transient=True, console=__import__("rich.console").console.Console(stderr=True))
 
 
+def _emit_line(out: Any, i: int, r: ScoreResult, total: ScoreResult, *, as_json: bool, per_token: bool) -> ScoreResult:
+    """Write one line's result; return the running total with it added."""
+    total = ScoreResult(total.tokens + r.tokens, total.oov + r.oov, total.nll + r.nll,
+                        total.nll_in_vocab + r.nll_in_vocab, total.level)
+    if r.tokens == 0:  # a blank line
+        return total
+    if as_json:
+        row: dict[str, Any] = {"line": i, **r.as_dict()}
+        if per_token and r.per_token is not None:
+            row["per_token"] = [{"token": t, "logprob": lp, "oov": o} for t, lp, o in r.per_token]
+        out.write(json.dumps(row) + "\n")
+    else:
+        out.write(f"line {i}: {summary_text(r)}\n")
+        if per_token and r.per_token is not None:
+            out.write("".join(f"  {t}\t{lp:.4f}{OOV_MARK if o else ''}\n" for t, lp, o in r.per_token))
+    return total
+
+
 def score_command(file: str, *, model: Path | None, per_line: bool, per_token: bool, raw: bool, batch_size: int,
                   device: str, threads: int | None, as_json: bool) -> None:
     if batch_size < 1:
@@ -56,25 +76,16 @@ def score_command(file: str, *, model: Path | None, per_line: bool, per_token: b
     out = sys.stdout
     with source:
         if per_line:
-            lines = list(lines_of(source, name))
-            if not any(line.strip() for line in lines):
-                raise TextError(f"{name} is empty or only whitespace: nothing to score")
-            results = lm.score_lines(lines, batch_size=batch_size, per_token=per_token)
             total = ScoreResult(0, 0, 0.0, 0.0, lm.level)
-            for i, r in enumerate(results, 1):
-                total.tokens, total.oov = total.tokens + r.tokens, total.oov + r.oov
-                total.nll, total.nll_in_vocab = total.nll + r.nll, total.nll_in_vocab + r.nll_in_vocab
-                if r.tokens == 0:
-                    continue
-                if as_json:
-                    row: dict[str, Any] = {"line": i, **r.as_dict()}
-                    if per_token and r.per_token is not None:
-                        row["per_token"] = [{"token": t, "logprob": lp, "oov": o} for t, lp, o in r.per_token]
-                    out.write(json.dumps(row) + "\n")
-                else:
-                    out.write(f"line {i}: {summary_text(r)}\n")
-                    if per_token and r.per_token is not None:
-                        out.write("".join(f"  {t}\t{lp:.4f}{OOV_MARK if o else ''}\n" for t, lp, o in r.per_token))
+            numbered = enumerate(lines_of(source, name), 1)
+            # Groups of lines stream through (bounded memory); within a group, score_lines batches
+            # lines of similar length together.
+            for group in iter(lambda: list(itertools.islice(numbered, GROUP_LINES)), []):
+                results = lm.score_lines([line for _, line in group], batch_size=batch_size, per_token=per_token)
+                for (i, _), r in zip(group, results, strict=True):
+                    total = _emit_line(out, i, r, total, as_json=as_json, per_token=per_token)
+            if total.tokens == 0:
+                raise TextError(f"{name} is empty or only whitespace: nothing to score")
         else:
             def on_block(tokens: list[Token], lp: np.ndarray) -> None:
                 if as_json:
