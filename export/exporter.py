@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 from rnnlm.export import spec
 from rnnlm.export.graphs import ScoreGraph, StepGraph, state_layout
+from rnnlm.export.passes import gemm_to_matmul
 from rnnlm.export.validate import TOLERANCE, run_score, run_step, session, validate
 
 from rnnlm import __version__
@@ -48,6 +50,9 @@ def _trace(module: torch.nn.Module, args: tuple[torch.Tensor, ...], graph: spec.
         torch.onnx.export(module, args, str(path), input_names=graph.input_names, output_names=graph.output_names,
                           dynamic_axes=graph.dynamic_axes(), opset_version=opset, dynamo=False,
                           external_data=False, do_constant_folding=True)
+    model = onnx.load(str(path))
+    gemm_to_matmul(model)
+    onnx.save(model, str(path))
     _fsync(path)
 
 
@@ -208,14 +213,25 @@ def _quantize(model: LanguageModel, tmp: Path, states: list[spec.StateSpec], chu
         os.replace(tmp / name, src)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            quantize_dynamic(str(src), str(tmp / name), weight_type=QuantType.QInt8)
+            try:
+                # DefaultTensorType: shape inference cannot type every intermediate of the traced graph.
+                # MatMul only: they hold the large weights (projections, decoder); quantizing the small
+                # Gemm of the traced graphs produces models onnxruntime then refuses.
+                quantize_dynamic(str(src), str(tmp / name), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+            except Exception as e:
+                raise RnnlmError(f"int8 quantization of {name} failed: {type(e).__name__}: {e}", code=1) from None
         _fsync(tmp / name)
-    t = time.perf_counter()
-    nll32 = score_tokens(fp32[spec.SCORE_FILE], states, chunk, ids, vocab.eos_id, threads=1)
-    t32 = time.perf_counter() - t
-    t = time.perf_counter()
-    nll8 = score_tokens(tmp / spec.SCORE_FILE, states, chunk, ids, vocab.eos_id, threads=1)
-    t8 = time.perf_counter() - t
+    try:
+        t = time.perf_counter()
+        nll32 = score_tokens(fp32[spec.SCORE_FILE], states, chunk, ids, vocab.eos_id, threads=1)
+        t32 = time.perf_counter() - t
+        t = time.perf_counter()
+        nll8 = score_tokens(tmp / spec.SCORE_FILE, states, chunk, ids, vocab.eos_id, threads=1)
+        t8 = time.perf_counter() - t
+        session(tmp / spec.STEP_FILE)
+    except Exception as e:
+        raise RnnlmError(f"the int8 graphs do not run in onnxruntime: {str(e).splitlines()[0][:300]}", code=1) from None
     for src in fp32.values():
         src.unlink()
     ppl32, ppl8 = math.exp(nll32 / len(ids)), math.exp(nll8 / len(ids))

@@ -145,7 +145,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "lstm-small",
             ModelConfig(cell="lstm", emb_size=256, hidden_size=256, num_layers=1, tie_weights=True,
-                        dropout_emb=0.1, dropout_input=0.25, dropout_recurrent=0.1, dropout_output=0.25,
+                        dropout_emb=0.05, dropout_input=0.1, dropout_recurrent=0.05, dropout_output=0.1,
                         init_scale=0.1),
             TrainConfig(optimizer="adam", lr=3e-3, lr_decay=2.0, decay_start=4, batch_size=64, bptt=35, clip=1.0),
             "1 x 256 LSTM, tied, variational dropout, Adam: the CPU default",

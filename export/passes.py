@@ -1,0 +1,48 @@
+"""Small rewrites of the traced ONNX graphs, applied before validation (so validation covers them).
+
+``gemm_to_matmul``: the tracer writes ``nn.Linear`` on 2-D inputs as Gemm(x, W, b, transB=1), and
+the unrolled graphs use each W at every step. onnxruntime's int8 quantizer rewrites each such
+Gemm with its own transposed copy of W under one shared name, and produces an invalid model.
+MatMul(x, W^T) + b with one transposed initializer per weight is the same function, quantizes
+cleanly, and lets onnxruntime prepack each weight once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+
+def gemm_to_matmul(model: onnx.ModelProto) -> int:
+    """Rewrite Gemm nodes with a constant B in place; returns how many were rewritten."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    transposed: dict[str, str] = {}
+    nodes, rewritten = [], 0
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        plain = attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
+        if node.op_type != "Gemm" or not plain or node.input[1] not in inits:
+            nodes.append(node)
+            continue
+        weight = node.input[1]
+        if attrs.get("transB", 0):
+            if weight not in transposed:
+                name = f"{weight}.T"
+                graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(inits[weight]).T), name))
+                transposed[weight] = name
+            weight = transposed[weight]
+        has_bias = len(node.input) > 2 and node.input[2] != ""
+        product = f"{node.output[0]}.matmul" if has_bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], weight], [product], name=f"{node.name}.MatMul"))
+        if has_bias:
+            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}.Add"))
+        rewritten += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for n in graph.node for name in n.input}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return rewritten
