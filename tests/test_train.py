@@ -114,7 +114,7 @@ def test_time_budget_stops_training(tmp_path: Path) -> None:
     t0 = time.monotonic()
     result = train(cell="lstm", corpus=tiny_corpus(), out=tmp_path, overrides=[*TINY, "epochs=100000"], device="cpu",
                    quiet=True, time_budget=0.05)  # 3 seconds
-    assert time.monotonic() - t0 < 20
+    assert time.monotonic() - t0 < 120  # generous: a loaded CI machine is slow, but 100000 epochs would take hours
     assert result.epochs_done < 100000 and result.metrics  # validated before stopping
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["valid_ppl"] == pytest.approx(result.metrics[-1]["valid_ppl"])
@@ -190,7 +190,7 @@ def test_sigterm_from_outside_saves_and_exits_143(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "rnnlm", "train", "--cell", "lstm", "--data-dir", str(data), "--out", str(out),
            "--device", "cpu", *[a for kv in TINY for a in ("--set", kv)], "--set", "epochs=1000"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 300
     while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert (out / "metrics.jsonl").exists(), proc.stderr.read() if proc.poll() is not None else "no epoch finished"
