@@ -242,6 +242,8 @@ def _run(
     step_losses: list[float] = []
     with stop_on_signals() as signals, log.progress(len(windows)) as bar:
         while epoch < train_cfg.epochs:
+            if window == 0 and valid_cost_s and time.monotonic() - started + 2 * valid_cost_s >= budget_s:
+                break  # the last validation was just done; a few steps more would only cost another one
             lr = learning_rate(train_cfg, epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
