@@ -61,7 +61,7 @@ def gemv_bandwidth(rows: int, cols: int, threads: int) -> float:
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cols])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, rows])],
                               [numpy_helper.from_array(w, "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
