@@ -145,8 +145,8 @@ def export_bundle(
         quant = None
         if quantize:
             quant = _quantize(model, tmp, states, chunk, vocab, valid_ids, quantize_tolerance)
-            if valid_ids is not None:
-                metrics["valid_ppl"] = quant["int8_ppl"] if quant["tokens"] == len(valid_ids) else metrics["valid_ppl"]
+            if valid_ids is not None:  # _quantize scored exactly these ids: report the int8 bundle's own ppl
+                metrics["valid_ppl"] = quant["int8_ppl"]
         vocab.save(tmp / spec.VOCAB_FILE)
         manifest = {
             "format": "rnnlm-bundle",

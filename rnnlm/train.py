@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from rnnlm import checkpoint as ckpt
 from rnnlm.config import ModelConfig, TrainConfig, apply_overrides, resolve
-from rnnlm.data import BpttBatches, Corpus, batchify, load_ptb
+from rnnlm.data import BpttBatches, Corpus, Vocabulary, batchify, load_ptb
 from rnnlm.errors import RnnlmError
 from rnnlm.evaluate import evaluate
 from rnnlm.fsutil import atomic_write_text
@@ -325,8 +325,6 @@ def _check_same_run(out: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, c
     if saved_cfg != model_cfg:
         a, b = dataclasses.asdict(saved_cfg), dataclasses.asdict(model_cfg)
         problems.append("model config differs (" + ", ".join(f"{k}: {a[k]} -> {b[k]}" for k in a if a[k] != b[k]) + ")")
-    from rnnlm.data import Vocabulary
-
     if Vocabulary.load(out / ckpt.VOCAB) != corpus.vocab:
         problems.append("the vocabulary differs from the data's")
     saved_train = json.loads((out / ckpt.TRAIN_CONFIG).read_text()) if (out / ckpt.TRAIN_CONFIG).exists() else None

@@ -43,10 +43,11 @@ def summary_text(r: ScoreResult) -> str:
 def _progress(name: str, enabled: bool) -> Any:
     if not enabled:
         return None
+    from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn
 
     return Progress(SpinnerColumn(), TextColumn(f"scoring {name}"), TextColumn("{task.completed:,} tokens"),
-                    transient=True, console=__import__("rich.console").console.Console(stderr=True))
+                    transient=True, console=Console(stderr=True))
 
 
 def _emit_line(out: Any, i: int, r: ScoreResult, total: ScoreResult, *, as_json: bool, per_token: bool) -> ScoreResult:

@@ -293,7 +293,7 @@ class LanguageModel:
         results: list[ScoreResult | None] = [None] * len(tokenized)
         order = sorted(range(len(tokenized)), key=lambda i: len(tokenized[i]))  # similar lengths together
         for start in range(0, len(order), batch_size):
-            idx = [i for i in order[start : start + batch_size]]
+            idx = order[start : start + batch_size]
             lengths = np.array([len(tokenized[i]) for i in idx], np.int64)
             L = max(int(lengths.max()), 1)
             inputs = np.full((L, len(idx)), self.eos_id, np.int64)
