@@ -15,7 +15,7 @@ $(BIN)/rnnlm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e '.[train,dev]'
+	$(BIN)/python -m pip install -q -e '.[train,server,dev]'
 	touch $@
 
 install: $(BIN)/rnnlm
