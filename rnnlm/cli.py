@@ -283,6 +283,48 @@ def generate(
                                  device=device, threads=threads, as_json=as_json))
 
 
+@app.command()
+def serve(
+    model: ModelOpt = None,
+    host: Annotated[str, typer.Option(help="Address to bind; loopback unless you mean to expose it (0.0.0.0).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (0 picks a free one).")] = 8000,
+    max_concurrency: Annotated[int, typer.Option(help="onnxruntime calls at once; about one per core.")] = 2,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait for a slot; beyond that, 429 at once.")] = 64,
+    max_batch: Annotated[int, typer.Option(help="Sequences of concurrent score requests scored in one call; 1 turns batching off.")] = 32,
+    timeout: Annotated[float, typer.Option(help="Seconds a request may take, body included; past it, 504 and its work is cancelled.")] = 60.0,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body; larger gets 413 before it is read.")] = 1 << 20,
+    max_generate_tokens: Annotated[int, typer.Option(help="Largest n * max_tokens of one generate request.")] = 65_536,
+    grace: Annotated[float, typer.Option(help="Seconds in-flight requests get to finish after SIGTERM.")] = 30.0,
+    raw: Annotated[bool, typer.Option(help="Take tokens as they are: no lower-casing, no numbers to N.")] = False,
+    device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
+    log_level: Annotated[str, typer.Option(help="critical, error, warning, info or debug.")] = "info",
+) -> None:
+    """Serve scoring and generation over HTTP (FastAPI + uvicorn; needs the `server` extra).
+
+    Endpoints: POST /v1/score, POST /v1/generate (stream=true for server-sent events), GET /v1/model,
+    GET /v2/health/live and /v2/health/ready (KServe v2), GET /metrics (Prometheus), /docs.
+
+    Example: rnnlm serve --model models/lstm, then
+
+      curl -s localhost:8000/v1/score -d '{"lines": ["the stock market fell"]}'
+
+    SIGTERM drains: readiness turns off, in-flight requests finish (up to --grace), exit 0.
+    """
+    try:
+        from rnnlm.serve.daemon import run_server
+        from rnnlm.serve.server import ServerSettings
+    except ImportError as e:
+        raise fail(f"rnnlm serve needs the server extra ({e.name} is missing): pip install 'rnnlm[server]'") from None
+    if log_level not in ("critical", "error", "warning", "info", "debug"):
+        raise fail(f"--log-level must be critical, error, warning, info or debug, not {log_level!r}")
+    settings = ServerSettings(max_concurrency=max_concurrency, max_queue=max_queue, max_batch=max_batch, timeout=timeout,
+                              max_body_bytes=max_body_bytes, max_generate_tokens=max_generate_tokens, device=device,
+                              threads=threads, raw=raw)
+    code = run(lambda: run_server(model, host=host, port=port, settings=settings, grace=grace, log_level=log_level))
+    raise typer.Exit(code)
+
+
 def main() -> None:
     os.environ.setdefault("PYTHONIOENCODING", "utf-8")
     try:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from rnnlm.serve.bundle import find_bundle
 from rnnlm.serve.runtime import LanguageModel, ScoreResult
-from rnnlm.serve.text import TextError, Token, lines_of, open_input
+from rnnlm.serve.text import TextError, Token, check_text, lines_of, open_input
 
 OOV_MARK = "\t<oov>"
 GROUP_LINES = 8192  # lines read and scored together by --per-line
@@ -116,6 +116,7 @@ def score_command(file: str, *, model: Path | None, per_line: bool, per_token: b
 def generate_command(prompt: str, *, model: Path | None, max_tokens: int, temperature: float, top_k: int | None,
                      top_p: float | None, seed: int | None, num_samples: int, stop: bool, raw: bool, device: str,
                      threads: int | None, as_json: bool) -> None:
+    check_text(prompt, "--prompt")  # before the model loads: bad input costs nothing
     lm = load(model, device=device, threads=threads, raw=raw)
     prompt_tokens = lm.tokenizer.line_tokens(prompt, eos=False)
     unknown = sum(t.oov for t in prompt_tokens)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,11 +17,15 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 from rnnlm.serve.bundle import Bundle, BundleError
-from rnnlm.serve.text import Token, Tokenizer
+from rnnlm.serve.text import Token, Tokenizer, check_text
 
 from rnnlm.errors import RnnlmError
 
 MAX_NEW_TOKENS = 10_000  # the cap on one generate call
+
+
+class Cancelled(RnnlmError):
+    """Work stopped because its caller gave up on it (a timeout, a closed connection)."""
 DTYPES = {"int64": "tensor(int64)", "float32": "tensor(float)"}
 
 
@@ -216,7 +220,7 @@ class LanguageModel:
 
     # ------------------------------------------------------------------ scoring
     def _score_ids(self, inputs: np.ndarray, targets: np.ndarray, lengths: np.ndarray,
-                   state: State | None = None) -> tuple[np.ndarray, State]:
+                   state: State | None = None, cancelled: Callable[[], bool] | None = None) -> tuple[np.ndarray, State]:
         """(L, B) inputs/targets, per-column lengths -> target log-probabilities (L, B) and final state."""
         L, B = inputs.shape
         C = self.chunk
@@ -224,6 +228,8 @@ class LanguageModel:
         out = np.zeros((L, B), np.float32)
         sess = self.session("score")
         for start in range(0, max(L, 1), C):
+            if cancelled is not None and cancelled():
+                raise Cancelled("the request was cancelled")
             n = min(C, L - start)
             x = np.zeros((C, B), np.int64)
             y = np.zeros((C, B), np.int64)
@@ -290,38 +296,70 @@ class LanguageModel:
         """Each line as its own sentence (fresh state, predicted from ``<eos>``, ending in ``<eos>``),
         many lines per onnxruntime call. Blank lines get an empty result (0 tokens)."""
         tokenized = [self.tokenizer.line_tokens(line) for line in lines]
-        results: list[ScoreResult | None] = [None] * len(tokenized)
-        order = sorted(range(len(tokenized)), key=lambda i: len(tokenized[i]))  # similar lengths together
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            lengths = np.array([len(tokenized[i]) for i in idx], np.int64)
+        return self.score_sequences(tokenized, batch_size=batch_size, per_token=per_token, progress=progress)
+
+    def score_sequences(self, sequences: Sequence[Sequence[Token]], *, batch_size: int = 64, per_token: bool = False,
+                        progress: Callable[[int], None] | None = None,
+                        cancelled: Callable[[], bool] | None = None) -> list[ScoreResult]:
+        """Score independent token sequences, each from a fresh state and predicted from ``<eos>``,
+        up to ``batch_size`` of them per onnxruntime call. ``cancelled`` is polled between calls;
+        when it returns True the work stops with ``Cancelled``."""
+        logprobs = self.sequence_logprobs([[t.id for t in seq] for seq in sequences], batch_size=batch_size,
+                                          progress=progress, cancelled=cancelled)
+        return [self.result_of(seq, lp, per_token=per_token) for seq, lp in zip(sequences, logprobs, strict=True)]
+
+    def result_of(self, tokens: Sequence[Token], logprobs: np.ndarray, *, per_token: bool = False) -> ScoreResult:
+        """A ScoreResult from tokens and their log-probabilities."""
+        lp = np.asarray(logprobs, np.float64)
+        oov = np.fromiter((t.oov for t in tokens), bool, len(tokens))
+        return ScoreResult(len(tokens), int(oov.sum()), -float(lp.sum()), -float(lp[~oov].sum()), self.level,
+                           [(t.text, float(v), t.oov) for t, v in zip(tokens, lp, strict=True)] if per_token else None)
+
+    def sequence_logprobs(self, sequences: Sequence[Sequence[int]], *, batch_size: int = 64,
+                          progress: Callable[[int], None] | None = None,
+                          cancelled: Callable[[], bool] | None = None) -> list[np.ndarray]:
+        """Log-probabilities (float32, one per token) of each id sequence, scored independently.
+
+        Sequences are sorted by length and batched, ``batch_size`` columns per call, and a batch is
+        cut early where a sequence is more than twice as long as the batch's shortest (plus one
+        chunk): padding costs as much as real tokens."""
+        if batch_size < 1:
+            raise RnnlmError(f"batch size must be >= 1, got {batch_size}")
+        out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(sequences)
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        start = 0
+        while start < len(order):
+            shortest = len(sequences[order[start]])
+            end = start + 1
+            while (end < len(order) and end - start < batch_size
+                   and len(sequences[order[end]]) <= 2 * shortest + self.chunk):
+                end += 1
+            idx = order[start:end]
+            lengths = np.array([len(sequences[i]) for i in idx], np.int64)
             L = max(int(lengths.max()), 1)
-            inputs = np.full((L, len(idx)), self.eos_id, np.int64)
+            inputs = np.full((L, len(idx)), self.eos_id, np.int64)  # (L, B): column b is sequence idx[b]
             targets = np.zeros((L, len(idx)), np.int64)
             for b, i in enumerate(idx):
-                ids = [t.id for t in tokenized[i]]
+                ids = sequences[i]
                 targets[: len(ids), b] = ids
                 inputs[1 : len(ids), b] = ids[:-1]
-            picked, _ = self._score_ids(inputs, targets, lengths)
+            picked, _ = self._score_ids(inputs, targets, lengths, cancelled=cancelled)
             for b, i in enumerate(idx):
-                toks = tokenized[i]
-                lp = picked[: len(toks), b].astype(np.float64)
-                oov = np.array([t.oov for t in toks], bool)
-                results[i] = ScoreResult(len(toks), int(oov.sum()), -float(lp.sum()), -float(lp[~oov].sum()), self.level,
-                                         [(t.text, float(v), t.oov) for t, v in zip(toks, lp, strict=True)] if per_token else None)
+                out[i] = picked[: lengths[b], b].copy()
             if progress:
                 progress(len(idx))
-        return [r for r in results if r is not None]
+            start = end
+        return out
 
     # ------------------------------------------------------------------ generation
     def generate_ids(self, prompt: str, *, max_new_tokens: int = 50, temperature: float = 1.0, top_k: int | None = None,
                      top_p: float | None = None, seed: int | None = None, num_samples: int = 1,
                      stop_at_eos: bool = True) -> Iterator[np.ndarray]:
         """Yield the next token id of each sample, (num_samples,), one step at a time."""
-        from rnnlm.serve.sampling import check_sampling, sample
+        from rnnlm.serve.sampling import sample
 
-        check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       vocab_size=len(self.vocab), num_samples=num_samples, cap=MAX_NEW_TOKENS)
+        self.check_generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            num_samples=num_samples, seed=seed)
         rng = np.random.default_rng(seed)
         prompt_ids = [t.id for t in self.tokenizer.line_tokens(prompt, eos=False)] if prompt.strip() else []
         stepper = BoundStepper(self, num_samples) if self.bind_state else None
@@ -349,6 +387,17 @@ class LanguageModel:
                     return
             logprobs = advance(nxt)
 
+    def check_generate(self, prompt: str, *, max_new_tokens: int = 50, temperature: float = 1.0,
+                       top_k: int | None = None, top_p: float | None = None, num_samples: int = 1,
+                       seed: int | None = None, **_: Any) -> None:
+        """Refuse bad generation arguments with one ``RnnlmError``: what ``generate`` checks first,
+        and what the HTTP server checks before it queues a request."""
+        from rnnlm.serve.sampling import check_sampling
+
+        check_text(prompt, "prompt")
+        check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                       vocab_size=len(self.vocab), num_samples=num_samples, cap=MAX_NEW_TOKENS, seed=seed)
+
     def generate(self, prompt: str = "", *, max_new_tokens: int = 50, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, num_samples: int = 1,
                  stop_at_eos: bool = True) -> list[str]:
@@ -357,12 +406,16 @@ class LanguageModel:
         temperature 0 is greedy (argmax); ``seed`` makes sampling repeatable."""
         columns = list(self.generate_ids(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                          top_p=top_p, seed=seed, num_samples=num_samples, stop_at_eos=stop_at_eos))
+        return [self.detokenize(ids) for ids in self.sample_ids(columns, num_samples, stop_at_eos=stop_at_eos)]
+
+    def sample_ids(self, columns: Sequence[np.ndarray], num_samples: int, *, stop_at_eos: bool = True) -> list[list[int]]:
+        """The token ids of each sample from ``generate_ids``' columns, cut before ``<eos>`` when stopping there."""
         out = []
         for b in range(num_samples):
             ids = [int(c[b]) for c in columns]
             if stop_at_eos and self.eos_id in ids:
                 ids = ids[: ids.index(self.eos_id)]
-            out.append(self.detokenize(ids))
+            out.append(ids)
         return out
 
     def detokenize(self, ids: Iterable[int]) -> str:

@@ -14,7 +14,7 @@ from rnnlm.errors import RnnlmError
 
 
 def check_sampling(*, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
-                   vocab_size: int, num_samples: int = 1, cap: int) -> None:
+                   vocab_size: int, num_samples: int = 1, cap: int, seed: int | None = None) -> None:
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
         raise RnnlmError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and not 1 <= top_k <= vocab_size:
@@ -25,6 +25,8 @@ def check_sampling(*, max_new_tokens: int, temperature: float, top_k: int | None
         raise RnnlmError(f"max-tokens must be between 1 and {cap:,}, got {max_new_tokens}")
     if not 1 <= num_samples <= 1024:
         raise RnnlmError(f"num-samples must be between 1 and 1024, got {num_samples}")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise RnnlmError(f"seed must be between 0 and 2**64 - 1, got {seed}")
 
 
 def sample(logprobs: np.ndarray, rng: np.random.Generator, *, temperature: float, top_k: int | None = None,

@@ -64,6 +64,7 @@ class Tokenizer:
 
     def text_tokens(self, text: str) -> list[Token]:
         """Lines end at "\n" only (a trailing "\r" is dropped), exactly as ``stream`` reads a file."""
+        check_text(text, "text")
         return [t for line in text.split("\n") for t in self.line_tokens(line.rstrip("\r"))]
 
     def stream(self, source: BinaryIO, name: str = "<input>") -> Iterator[Token]:
@@ -73,6 +74,23 @@ class Tokenizer:
                 yield from self.line_tokens(text)
             else:  # part of a very long line, cut at whitespace where there is any
                 yield from self.line_tokens(text, eos=False)
+
+
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(text: str, what: str) -> str:
+    """Refuse text that did not come from valid UTF-8: a NUL character (binary data) or a lone
+    surrogate (what Python makes of undecodable bytes in argv, or JSON's ``"\\ud800"``). The CLI's
+    prompt and every text the HTTP server receives pass through here; files are checked as they
+    are decoded (``pieces``)."""
+    nul = text.find("\0")
+    if nul >= 0:
+        raise TextError(f"{what}: binary data (a NUL character at offset {nul}); expected text")
+    bad = SURROGATE.search(text)
+    if bad:
+        raise TextError(f"{what}: not valid Unicode (a lone surrogate at offset {bad.start()})")
+    return text
 
 
 def open_input(path: str) -> tuple[BinaryIO, str]:

@@ -1,0 +1,214 @@
+"""Admission, batching and cancellation for the HTTP server: asyncio over the runtime's threads.
+
+    request --admit--> at most max_concurrency running + max_queue waiting; beyond that, refused
+                       at once (``Overloaded`` -> 429); while draining, refused (``Draining`` -> 503)
+    score   ---------> joins the pending list; whoever gets a free slot takes the oldest pending
+                       jobs, up to max_batch sequences, and scores them in one batched call
+                       (so concurrent requests share onnxruntime calls; max_batch 1 turns it off)
+    generate --------> holds a slot for its whole length, one onnxruntime step per executor call
+
+No recurrent state is shared: every sequence of every request starts from a fresh state, and a
+batch keeps its sequences in separate columns. onnxruntime runs in worker threads, so the event
+loop keeps answering health checks and metrics while a batch runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from rnnlm.serve.runtime import LanguageModel, ScoreResult
+from rnnlm.serve.text import Token
+
+
+class Overloaded(Exception):
+    """Every slot and every queue place is taken."""
+
+
+class Draining(Exception):
+    """The server is shutting down (or not ready): it takes no new work."""
+
+
+@dataclass
+class _ScoreJob:
+    sequences: Sequence[Sequence[Token]]
+    per_token: bool
+    future: asyncio.Future[list[ScoreResult]]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class Stats:
+    """What /metrics reads; updated on the event loop only."""
+
+    admitted: int = 0  # running or waiting
+    running: int = 0  # holding a slot
+    on_batch: Callable[[int], None] | None = None  # told the number of sequences of each batched call
+
+    @property
+    def queued(self) -> int:
+        return self.admitted - self.running
+
+
+class Scheduler:
+    def __init__(self, lm: LanguageModel, *, max_concurrency: int = 2, max_queue: int = 64, max_batch: int = 32) -> None:
+        if max_concurrency < 1 or max_queue < 0 or max_batch < 1:
+            raise ValueError("max_concurrency and max_batch must be >= 1, max_queue >= 0")
+        self.lm = lm
+        self.max_concurrency, self.max_queue, self.max_batch = max_concurrency, max_queue, max_batch
+        self.stats = Stats()
+        self.draining = False
+        self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="rnnlm-ort")
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self._pending: list[_ScoreJob] = []
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    # ------------------------------------------------------------------ admission
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        """Count a request in, or refuse it at once: never an unbounded wait."""
+        if self.draining:
+            raise Draining("the server is shutting down")
+        if self.stats.admitted >= self.max_concurrency + self.max_queue:
+            raise Overloaded(f"busy: {self.max_concurrency} requests running and {self.max_queue} waiting")
+        self.stats.admitted += 1
+        try:
+            yield
+        finally:
+            self.stats.admitted -= 1
+
+    async def _acquire(self) -> None:
+        await self._slots.acquire()
+        self.stats.running += 1
+
+    def _release(self) -> None:
+        self.stats.running -= 1
+        self._slots.release()
+
+    def _release_when_done(self, work: asyncio.Future[Any] | None) -> None:
+        """A slot is free when its thread is, not when its awaiting request gives up."""
+        if work is None or work.done():
+            self._release()
+        else:
+            work.add_done_callback(lambda _: self._release())
+
+    # ------------------------------------------------------------------ scoring
+    async def score(self, sequences: Sequence[Sequence[Token]], *, per_token: bool = False) -> list[ScoreResult]:
+        """Score independent sequences (each from a fresh state), batched with whatever other
+        requests are waiting. Cancelling the awaiting task drops the job, or stops its batch
+        between chunks when every job in it has been dropped."""
+        loop = asyncio.get_running_loop()
+        job = _ScoreJob(sequences, per_token, loop.create_future())
+        self._pending.append(job)
+        try:
+            while not job.future.done():
+                await self._acquire()
+                work: asyncio.Future[None] | None = None
+                try:
+                    batch = self._take_batch()
+                    if batch:
+                        work = loop.run_in_executor(self._pool, self._run_batch, batch, loop)
+                finally:
+                    self._release_when_done(work)
+                # Our own job may be in another holder's batch: wait for whichever finishes first.
+                if work is not None:
+                    either: list[asyncio.Future[Any]] = [work, job.future]
+                    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                elif not job.future.done() and job not in self._pending:
+                    await asyncio.shield(job.future)
+            return job.future.result()
+        finally:
+            job.cancelled.set()
+            if job in self._pending:
+                self._pending.remove(job)
+
+    def _take_batch(self) -> list[_ScoreJob]:
+        """The oldest pending jobs, up to max_batch sequences (one job may exceed it alone)."""
+        batch: list[_ScoreJob] = []
+        n = 0
+        while self._pending and (not batch or n + len(self._pending[0].sequences) <= self.max_batch):
+            job = self._pending.pop(0)
+            if job.cancelled.is_set() or job.future.done():
+                continue
+            batch.append(job)
+            n += len(job.sequences)
+        if batch and self.stats.on_batch is not None:
+            self.stats.on_batch(n)
+        return batch
+
+    def _run_batch(self, batch: list[_ScoreJob], loop: asyncio.AbstractEventLoop) -> None:
+        """In a worker thread: one call over every sequence of every job, results handed back."""
+        sequences = [seq for job in batch for seq in job.sequences]
+        try:
+            logprobs = self.lm.sequence_logprobs(
+                [[t.id for t in seq] for seq in sequences], batch_size=self.max_batch,
+                cancelled=lambda: all(job.cancelled.is_set() for job in batch))
+        except BaseException as e:  # handed to every waiting request, raised there
+            for job in batch:
+                loop.call_soon_threadsafe(_settle, job.future, None, e)
+            return
+        start = 0
+        for job in batch:
+            n = len(job.sequences)
+            results = [self.lm.result_of(seq, lp, per_token=job.per_token)
+                       for seq, lp in zip(job.sequences, logprobs[start : start + n], strict=True)]
+            start += n
+            loop.call_soon_threadsafe(_settle, job.future, results, None)
+
+    # ------------------------------------------------------------------ generation
+    async def generate(self, prompt: str, **kwargs: Any) -> AsyncIterator[np.ndarray]:
+        """The runtime's generate_ids, a step per worker-thread call, holding one slot throughout.
+        Check the arguments first (``lm.check_generate``): this starts stepping at once."""
+        steps = self.lm.generate_ids(prompt, **kwargs)
+        loop = asyncio.get_running_loop()
+        await self._acquire()
+        work: asyncio.Future[np.ndarray | None] | None = None
+        try:
+            work = loop.run_in_executor(self._pool, _next_or_none, steps)
+            while (ids := await work) is not None:
+                yield ids
+                work = loop.run_in_executor(self._pool, _next_or_none, steps)
+        finally:
+            self._release_when_done(work)
+            _close_later(work, steps)
+
+    async def run(self, fn: Callable[[], Any]) -> Any:
+        """Anything else that needs onnxruntime, in a slot."""
+        await self._acquire()
+        work = asyncio.get_running_loop().run_in_executor(self._pool, fn)
+        try:
+            return await work
+        finally:
+            self._release_when_done(work)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _next_or_none(steps: Iterator[np.ndarray]) -> np.ndarray | None:
+    return next(steps, None)
+
+
+def _close_later(work: asyncio.Future[Any] | None, steps: Iterator[np.ndarray]) -> None:
+    """Close the generator once no thread is inside it (a running generator cannot be closed)."""
+    close = getattr(steps, "close", None)
+    if close is None:
+        return
+    if work is None or work.done():
+        close()
+    else:
+        work.add_done_callback(lambda _: close())

@@ -1,0 +1,546 @@
+"""``rnnlm serve``: the runtime behind HTTP (FastAPI + uvicorn, still no torch).
+
+    POST /v1/score            {"text": ...} or {"lines": [...]}, optional "per_token"
+    POST /v1/generate         {"prompt", "max_tokens", "temperature", "top_k", "top_p", "seed", "n", "stream"}
+    GET  /v1/model            what is loaded
+    GET  /v2/health/live      200 while the process serves (KServe v2)
+    GET  /v2/health/ready     200 once the bundle has loaded and passed its probes; 503 while
+                              loading and after SIGTERM
+    GET  /metrics             Prometheus text format
+    GET  /openapi.json, /docs the schema
+
+Every error is JSON ``{"error": "..."}``: 422 for invalid values (the same checks, and the same
+words, as the CLI), 413 for a body over the limit (refused before it is read), 408 for a body
+that does not arrive in time, 415 for a body that is not JSON, 429 when every slot and queue place is taken, 503 while not ready,
+504 when a request runs past its timeout (its work is cancelled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from pydantic import BaseModel, ConfigDict, Field
+from rnnlm.serve.runtime import LanguageModel, ScoreResult
+from rnnlm.serve.scheduler import Draining, Overloaded, Scheduler
+from rnnlm.serve.text import check_text
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from rnnlm.errors import RnnlmError
+
+log = logging.getLogger("rnnlm.serve")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    max_concurrency: int = 2  # onnxruntime calls at once (one per core is plenty)
+    max_queue: int = 64  # requests waiting for a slot before 429
+    max_batch: int = 32  # sequences per batched scoring call; 1 turns batching off
+    timeout: float = 60.0  # seconds per request, body included
+    max_body_bytes: int = 1 << 20
+    max_generate_tokens: int = 65_536  # n * max_tokens per request
+    device: str = "auto"
+    threads: int | None = None
+    raw: bool = False
+
+    def check(self) -> None:
+        for name in ("max_concurrency", "max_batch", "max_body_bytes", "max_generate_tokens"):
+            if getattr(self, name) < 1:
+                raise RnnlmError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_queue < 0:
+            raise RnnlmError(f"--max-queue must be >= 0, got {self.max_queue}")
+        if not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise RnnlmError(f"--timeout must be a positive number of seconds, got {self.timeout}")
+
+
+# ---------------------------------------------------------------------- request and response bodies
+class _Strict(BaseModel):
+    # Unknown fields are refused (a typo like "max_new_tokens" must not be ignored silently), and
+    # no coercion: "temperature": "hot" or "per_token": "yes" is a 422, not a guess.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ScoreRequest(_Strict):
+    text: str | None = Field(None, description="One text, scored as a stream: every line ends in <eos>, the "
+                             "state carries across lines (what `rnnlm score FILE` does).",
+                             examples=["the stock market fell\nshares rose"])
+    lines: list[str] | None = Field(None, description="Sentences, each scored on its own from a fresh state "
+                                    "(what `rnnlm score --per-line` does).", examples=[["the stock market fell"]])
+    per_token: bool = Field(False, description="Return every token with its natural-log probability.")
+
+
+class TokenScore(BaseModel):
+    token: str
+    logprob: float
+    oov: bool
+
+
+class Score(BaseModel):
+    tokens: int = Field(description="Scored tokens, <eos> included.")
+    oov: int = Field(description="Of them, out of the vocabulary (scored as <unk>).")
+    nll: float = Field(description="Negative log-likelihood in nats, summed.")
+    ppl: float | None = Field(description="exp(nll / tokens); null when there are no tokens.")
+    ppl_excluding_oov: float | None
+    bpc: float | None = Field(None, description="Bits per character (character models only).")
+    per_token: list[TokenScore] | None = None
+
+
+class LineScore(Score):
+    line: int = Field(description="1-based position in the request's lines.")
+
+
+class ScoreResponse(Score):
+    model: str
+    lines: list[LineScore] | None = None
+
+
+class GenerateRequest(_Strict):
+    prompt: str = Field("", description="Text to continue; empty starts a new sentence.")
+    max_tokens: int = Field(50, description="Tokens to generate per sample.")
+    temperature: float = Field(1.0, description="0 is greedy (argmax).")
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = Field(None, description="The same seed gives the same text (as `rnnlm generate --seed`).")
+    n: int = Field(1, description="Independent samples, generated as one batch.")
+    stop: bool = Field(True, description="Stop a sample at <eos>.")
+    stream: bool = Field(False, description="Server-sent events, one token per event, then a `done` event.")
+
+
+class GenerateResponse(BaseModel):
+    model: str
+    prompt: str
+    samples: list[str]
+    tokens: int = Field(description="Tokens generated, all samples together.")
+    seed: int | None
+
+
+class ErrorBody(BaseModel):
+    error: str
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _score_fields(r: ScoreResult, per_token: bool) -> dict[str, Any]:
+    d: dict[str, Any] = {"tokens": r.tokens, "oov": r.oov, "nll": r.nll + 0.0,  # no -0.0 for an empty line "ppl": _finite(r.ppl),
+                         "ppl_excluding_oov": _finite(r.ppl_in_vocab)}
+    if r.level == "char":
+        d["bpc"] = _finite(r.bpc)
+    if per_token and r.per_token is not None:
+        d["per_token"] = [{"token": t, "logprob": lp, "oov": o} for t, lp, o in r.per_token]
+    return d
+
+
+def _error(status: int, message: str, **headers: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers or None)
+
+
+# ---------------------------------------------------------------------- metrics
+class Metrics:
+    ENDPOINTS = ("/v1/score", "/v1/generate", "/v1/model", "/v2/health/live", "/v2/health/ready", "/metrics")
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("rnnlm_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r)
+        self.latency = Histogram("rnnlm_request_seconds", "Request latency, body read to last byte sent", ["endpoint"],
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+                                 registry=r)
+        self.scored = Counter("rnnlm_tokens_scored", "Tokens scored", registry=r)
+        self.generated = Counter("rnnlm_tokens_generated", "Tokens generated", registry=r)
+        self.batch = Histogram("rnnlm_score_batch_sequences", "Sequences per batched scoring call",
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.queue = Gauge("rnnlm_queue_depth", "Requests admitted and waiting for a slot", registry=r)
+        self.running = Gauge("rnnlm_requests_running", "Requests holding an onnxruntime slot", registry=r)
+        self.ready = Gauge("rnnlm_ready", "1 when the model is loaded and the server takes requests", registry=r)
+
+    def endpoint(self, path: str) -> str:
+        return path if path in self.ENDPOINTS else "other"  # unknown paths must not grow the label set
+
+
+# ---------------------------------------------------------------------- the body guard
+class BodyGuard:
+    """Reads a request body before the app sees it: refuses one over the limit with 413 before
+    reading it (by its Content-Length) or as soon as it passes the limit (chunked), one that does
+    not arrive within the timeout with 408, and one shorter than its Content-Length with 400.
+    Also records each request's status and latency."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int, timeout: float, metrics: Metrics) -> None:
+        self.app, self.max_bytes, self.timeout, self.metrics = app, max_bytes, timeout, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = [500]
+        endpoint = self.metrics.endpoint(scope["path"])
+
+        async def send_recording(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            refused = None
+            if scope["method"] in ("POST", "PUT", "PATCH"):
+                body, refused = await self._read(scope, receive)
+            if refused is not None:
+                await refused(scope, receive, send_recording)
+                return
+            if scope["method"] in ("POST", "PUT", "PATCH"):
+                replayed = False
+
+                async def replay() -> Message:
+                    nonlocal replayed
+                    if not replayed:
+                        replayed = True
+                        return {"type": "http.request", "body": body, "more_body": False}
+                    return await receive()  # after the body: wait for the disconnect
+
+                await self.app(scope, replay, send_recording)
+            else:
+                await self.app(scope, receive, send_recording)
+        finally:
+            self.metrics.requests.labels(endpoint, str(status[0])).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+
+    async def _read(self, scope: Scope, receive: Receive) -> tuple[bytes, ASGIApp | None]:
+        headers = dict(scope["headers"])
+        kind = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower()
+        if kind != b"application/json" and not kind.endswith(b"+json"):
+            return b"", _error(415, f"the body must be JSON (Content-Type: application/json), not {kind.decode('latin-1')}")
+        declared: int | None = None
+        if b"content-length" in headers:
+            try:
+                declared = int(headers[b"content-length"])
+            except ValueError:
+                return b"", _error(400, "Content-Length is not a number")
+            if declared > self.max_bytes:
+                return b"", _error(413, f"the body is {declared:,} bytes; the limit is {self.max_bytes:,} "
+                                   "(rnnlm serve --max-body-bytes)", Connection="close")
+        chunks: list[bytes] = []
+        size = 0
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.001))
+            except asyncio.TimeoutError:
+                return b"", _error(408, f"the body did not arrive within {self.timeout:g} s", Connection="close")
+            if message["type"] == "http.disconnect":
+                return b"", _error(400, "the client disconnected before sending the whole body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return b"", _error(413, f"the body is over the limit of {self.max_bytes:,} bytes "
+                                   "(rnnlm serve --max-body-bytes)", Connection="close")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        if declared is not None and size != declared:
+            return b"", _error(400, f"the body is {size:,} bytes but its Content-Length says {declared:,}")
+        return b"".join(chunks), None
+
+
+# ---------------------------------------------------------------------- the app
+class ServerState:
+    """What the endpoints share: the model once loaded, the scheduler, readiness."""
+
+    def __init__(self, settings: ServerSettings, metrics: Metrics) -> None:
+        self.settings, self.metrics = settings, metrics
+        self.lm: LanguageModel | None = None
+        self.scheduler: Scheduler | None = None
+        self.load_error: str | None = None
+        self.draining = False
+
+    def attach(self, lm: LanguageModel) -> None:
+        s = self.settings
+        self.scheduler = Scheduler(lm, max_concurrency=s.max_concurrency, max_queue=s.max_queue, max_batch=s.max_batch)
+        self.scheduler.stats.on_batch = self.metrics.batch.observe
+        self.metrics.queue.set_function(lambda: self.scheduler.stats.queued if self.scheduler else 0)
+        self.metrics.running.set_function(lambda: self.scheduler.stats.running if self.scheduler else 0)
+        self.lm = lm
+
+    @property
+    def ready(self) -> bool:
+        return self.lm is not None and not self.draining
+
+    @property
+    def in_flight(self) -> int:
+        return self.scheduler.stats.admitted if self.scheduler else 0
+
+    def drain(self) -> None:
+        """Stop taking work: readiness turns off and new requests get 503."""
+        self.draining = True
+        if self.scheduler is not None:
+            self.scheduler.draining = True
+
+    def working(self) -> tuple[LanguageModel, Scheduler]:
+        if self.draining:
+            raise Draining("the server is shutting down")
+        if self.lm is None or self.scheduler is None:
+            raise Draining("the model is not loaded yet" if self.load_error is None else f"the model failed to load: {self.load_error}")
+        return self.lm, self.scheduler
+
+
+def create_app(model: str | Path | LanguageModel | None, settings: ServerSettings | None = None,
+               *, on_load_failure: Callable[[str], None] | None = None) -> FastAPI:
+    """The FastAPI app. ``model`` is a bundle path (loaded in the background after startup, so
+    liveness answers while it loads) or a LanguageModel already loaded (ready at once)."""
+    settings = settings or ServerSettings()
+    settings.check()
+    metrics = Metrics()
+    state = ServerState(settings, metrics)
+    metrics.ready.set_function(lambda: float(state.ready))
+
+    async def load_in_background(path: str | Path | None) -> None:
+        try:
+            lm = await asyncio.to_thread(LanguageModel.load, path, device=settings.device, threads=settings.threads,
+                                         raw=settings.raw, eager=True)  # both graphs, both probes
+        except Exception as e:  # a bundle that fails its probe, a CUDA provider that will not start...
+            state.load_error = str(e.message if isinstance(e, RnnlmError) else e)
+            log.error("the model failed to load: %s", state.load_error)
+            if on_load_failure is not None:
+                on_load_failure(state.load_error)
+            return
+        state.attach(lm)
+        log.info("ready: %s (%s)", lm.bundle.path, lm.device)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = None
+        if isinstance(model, LanguageModel):
+            state.attach(model)
+        else:
+            loader = asyncio.create_task(load_in_background(model))
+        yield
+        if loader is not None and not loader.done():
+            loader.cancel()
+        if state.scheduler is not None:
+            state.scheduler.close()
+
+    app = FastAPI(title="rnnlm", version=_version(), lifespan=lifespan,
+                  description="Perplexity scoring and text generation with recurrent language models on onnxruntime.",
+                  responses={422: {"model": ErrorBody}, 429: {"model": ErrorBody}, 503: {"model": ErrorBody}})
+    app.state.rnnlm = state
+
+    # -- errors: one JSON shape for all of them
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in exc.errors():
+            if err.get("type") == "json_invalid":
+                reason = err.get("ctx", {}).get("error", "invalid")
+                return _error(422, f"the body is not valid JSON: {reason} at character {err['loc'][-1]}")
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+            problems.append(f"{where}: {err.get('msg', 'invalid')}")
+        return JSONResponse({"error": "; ".join(problems)}, status_code=422)
+
+    @app.exception_handler(RnnlmError)
+    async def refused(request: Request, exc: RnnlmError) -> JSONResponse:
+        return _error(422, exc.message)
+
+    @app.exception_handler(Overloaded)
+    async def overloaded(request: Request, exc: Overloaded) -> JSONResponse:
+        return _error(429, str(exc), **{"Retry-After": "1"})
+
+    @app.exception_handler(Draining)
+    async def unavailable(request: Request, exc: Draining) -> JSONResponse:
+        return _error(503, str(exc), **{"Retry-After": "5"})
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), **(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error on %s", request.url.path)
+        return _error(500, "internal error (see the server log)")
+
+    async def timed(work: Awaitable[Any]) -> Any:
+        try:
+            return await asyncio.wait_for(work, settings.timeout)
+        except asyncio.TimeoutError:
+            raise HTTPException(504, f"the request ran past its {settings.timeout:g} s timeout and was cancelled") from None
+
+    # -- scoring
+    @app.post("/v1/score", response_model=ScoreResponse, response_model_exclude_none=True,
+              summary="Perplexity of a text, or of each of a list of sentences")
+    async def score(body: ScoreRequest) -> dict[str, Any]:
+        lm, scheduler = state.working()
+        if (body.text is None) == (body.lines is None):
+            raise RnnlmError('give either "text" (one stream) or "lines" (independent sentences), not both or neither')
+        with scheduler.admit():
+            if body.text is not None:
+                text = body.text
+                sequences = [await asyncio.to_thread(lm.tokenizer.text_tokens, text)]  # checks the text too
+            else:
+                lines = body.lines or []
+                if not lines:
+                    raise RnnlmError('"lines" is empty: nothing to score')
+                for i, line in enumerate(lines):
+                    check_text(line, f"lines[{i}]")
+                    if "\n" in line:
+                        raise RnnlmError(f"lines[{i}] contains a newline; each item is one sentence")
+                sequences = [lm.tokenizer.line_tokens(line) for line in lines]
+            if not any(sequences):
+                raise RnnlmError("the text is empty or only whitespace: nothing to score")
+            results = await timed(scheduler.score(sequences, per_token=body.per_token))
+        total = _total(results, lm.level)
+        metrics.scored.inc(total.tokens)
+        if body.text is not None:
+            return {"model": _model_name(lm), **_score_fields(results[0], body.per_token)}
+        return {"model": _model_name(lm), **_score_fields(total, False),
+                "lines": [{"line": i, **_score_fields(r, body.per_token)} for i, r in enumerate(results, 1)]}
+
+    # -- generation
+    @app.post("/v1/generate", response_model=GenerateResponse, summary="Continue a prompt",
+              responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or with stream=true, "
+                         "server-sent events: `token` events {sample, index, id, token}, then a `done` event"}})
+    async def generate(body: GenerateRequest) -> Any:
+        lm, scheduler = state.working()
+        kwargs = dict(max_new_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+                      seed=body.seed, num_samples=body.n, stop_at_eos=body.stop)
+        lm.check_generate(body.prompt, **kwargs)  # the CLI's checks, the CLI's messages
+        asked = body.n * body.max_tokens
+        if asked > settings.max_generate_tokens:
+            raise RnnlmError(f"n * max_tokens = {asked:,} tokens; this server's limit is {settings.max_generate_tokens:,} "
+                             "per request (rnnlm serve --max-generate-tokens)")
+        if body.stream:
+            admission = scheduler.admit()
+            admission.__enter__()  # 429 now, as a status, not inside a started stream
+            return _Stream(_events(lm, scheduler, body, kwargs, metrics, settings.timeout), admission.__exit__)
+        with scheduler.admit():
+            columns = await timed(_collect(scheduler.generate(body.prompt, **kwargs)))
+        samples = lm.sample_ids(columns, body.n, stop_at_eos=body.stop)
+        generated = sum(len(s) for s in samples)
+        metrics.generated.inc(generated)
+        return {"model": _model_name(lm), "prompt": body.prompt, "samples": [lm.detokenize(s) for s in samples],
+                "tokens": generated, "seed": body.seed}
+
+    # -- the rest
+    @app.get("/v1/model", summary="The loaded bundle")
+    async def model_info() -> dict[str, Any]:
+        lm, _ = state.working()
+        m = lm.bundle.manifest
+        return {"bundle": str(lm.bundle.path), "cell": m["cell"], "level": lm.level, "vocab_size": len(lm.vocab),
+                "state": [{"name": s["input"], "size": s["size"]} for s in lm.states], "device": lm.device,
+                "quantization": m.get("quantization"), "metrics": m.get("metrics"),
+                "limits": {"max_body_bytes": settings.max_body_bytes, "max_generate_tokens": settings.max_generate_tokens,
+                           "timeout": settings.timeout, "max_batch": settings.max_batch,
+                           "max_concurrency": settings.max_concurrency, "max_queue": settings.max_queue}}
+
+    @app.get("/v2/health/live", summary="Liveness (KServe v2)")
+    async def live() -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready", summary="Readiness (KServe v2): the model loaded, probes passed, not draining",
+             responses={503: {"model": ErrorBody}})
+    async def ready() -> JSONResponse:
+        if state.ready:
+            return JSONResponse({"ready": True})
+        reason = ("draining" if state.draining else "loading" if state.load_error is None
+                  else f"failed: {state.load_error}")
+        return JSONResponse({"ready": False, "error": reason}, status_code=503)
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, timeout=settings.timeout, metrics=metrics)
+    return app
+
+
+def _model_name(lm: LanguageModel) -> str:
+    """models/rhn/onnx -> "rhn"; a bundle directory elsewhere -> its own name."""
+    path = lm.bundle.path
+    return path.parent.name if path.name == "onnx" else path.name
+
+
+def _total(results: list[ScoreResult], level: str) -> ScoreResult:
+    return ScoreResult(sum(r.tokens for r in results), sum(r.oov for r in results), sum(r.nll for r in results),
+                       sum(r.nll_in_vocab for r in results), level)
+
+
+async def _collect(steps: AsyncIterator[Any]) -> list[Any]:
+    return [ids async for ids in steps]
+
+
+class _Stream(StreamingResponse):
+    """An event stream that gives its admission back however it ends (done, error, disconnect)."""
+
+    def __init__(self, events: AsyncIterator[str], release: Callable[..., Any]) -> None:
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release(None, None, None)
+
+
+def _sse(event: str, data: dict[str, Any]) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+async def _events(lm: LanguageModel, scheduler: Scheduler, body: GenerateRequest, kwargs: dict[str, Any],
+                  metrics: Metrics, timeout: float) -> AsyncIterator[str]:
+    """``token`` events {sample, index, id, token} as tokens come, then ``done`` with the samples;
+    an ``error`` event ends a stream that fails or runs past its timeout once it has started."""
+    deadline = time.monotonic() + timeout
+    columns = []
+    done = [False] * body.n
+    steps = scheduler.generate(body.prompt, **kwargs)
+    try:
+        async for ids in steps:
+            columns.append(ids)
+            for b, tid in enumerate(ids.tolist()):
+                if done[b]:
+                    continue
+                if body.stop and tid == lm.eos_id:
+                    done[b] = True
+                    continue
+                metrics.generated.inc()
+                yield _sse("token", {"sample": b, "index": len(columns) - 1, "id": tid, "token": lm.vocab[tid]})
+            if time.monotonic() > deadline:
+                yield _sse("error", {"error": f"the request ran past its {timeout:g} s timeout and was cancelled"})
+                return
+    except RnnlmError as e:
+        yield _sse("error", {"error": e.message})
+        return
+    finally:
+        await steps.aclose()
+    samples = lm.sample_ids(columns, body.n, stop_at_eos=body.stop)
+    yield _sse("done", {"samples": [lm.detokenize(s) for s in samples], "tokens": sum(len(s) for s in samples),
+                        "seed": body.seed})
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rnnlm")
+    except PackageNotFoundError:
+        return "0"
