@@ -165,20 +165,42 @@ class Scheduler:
 
     # ------------------------------------------------------------------ generation
     async def generate(self, prompt: str, **kwargs: Any) -> AsyncIterator[np.ndarray]:
-        """The runtime's generate_ids, a step per worker-thread call, holding one slot throughout.
-        Check the arguments first (``lm.check_generate``): this starts stepping at once."""
-        steps = self.lm.generate_ids(prompt, **kwargs)
+        """The runtime's generate_ids, run by one worker thread that holds a slot throughout and
+        hands each step's ids to the event loop as it comes (one thread handoff per request, not
+        per step). Check the arguments first (``lm.check_generate``); closing this iterator stops
+        the thread at its next step."""
         loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        stop = threading.Event()
+
+        def produce() -> None:
+            def hand(item: Any) -> None:
+                with contextlib.suppress(RuntimeError):  # the loop closed under us: nobody is waiting
+                    loop.call_soon_threadsafe(queue.put_nowait, item)
+
+            steps = self.lm.generate_ids(prompt, **kwargs)
+            try:
+                for ids in steps:
+                    if stop.is_set():
+                        break
+                    hand(ids)
+            except BaseException as e:
+                hand(e)
+            finally:
+                steps.close()
+                hand(_END)
+
         await self._acquire()
-        work: asyncio.Future[np.ndarray | None] | None = None
+        work: asyncio.Future[None] | None = None
         try:
-            work = loop.run_in_executor(self._pool, _next_or_none, steps)
-            while (ids := await work) is not None:
-                yield ids
-                work = loop.run_in_executor(self._pool, _next_or_none, steps)
+            work = loop.run_in_executor(self._pool, produce)
+            while (item := await queue.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
         finally:
+            stop.set()
             self._release_when_done(work)
-            _close_later(work, steps)
 
     async def run(self, fn: Callable[[], Any]) -> Any:
         """Anything else that needs onnxruntime, in a slot."""
@@ -199,16 +221,4 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
         future.set_result(result)
 
 
-def _next_or_none(steps: Iterator[np.ndarray]) -> np.ndarray | None:
-    return next(steps, None)
-
-
-def _close_later(work: asyncio.Future[Any] | None, steps: Iterator[np.ndarray]) -> None:
-    """Close the generator once no thread is inside it (a running generator cannot be closed)."""
-    close = getattr(steps, "close", None)
-    if close is None:
-        return
-    if work is None or work.done():
-        close()
-    else:
-        work.add_done_callback(lambda _: close())
+_END = object()  # the end of a generation, on its queue

@@ -143,7 +143,8 @@ def _finite(x: float) -> float | None:
 
 
 def _score_fields(r: ScoreResult, per_token: bool) -> dict[str, Any]:
-    d: dict[str, Any] = {"tokens": r.tokens, "oov": r.oov, "nll": r.nll + 0.0,  # no -0.0 for an empty line "ppl": _finite(r.ppl),
+    # + 0.0: an empty line's nll is -0.0, which JSON would show as such
+    d: dict[str, Any] = {"tokens": r.tokens, "oov": r.oov, "nll": r.nll + 0.0, "ppl": _finite(r.ppl),
                          "ppl_excluding_oov": _finite(r.ppl_in_vocab)}
     if r.level == "char":
         d["bpc"] = _finite(r.bpc)
