@@ -200,12 +200,17 @@ def export(
     chunk: Annotated[int, typer.Option(help="Time steps per call of the scoring graph.")] = 32,
     quantize: Annotated[str | None, typer.Option(help="int8: dynamic int8 weights, checked by perplexity.")] = None,
     force: Annotated[bool, typer.Option(help="Replace --out even if it is not a bundle.")] = False,
+    triton: Annotated[Path | None, typer.Option(help="Also write an NVIDIA Triton model repository here (onnxruntime "
+                                                "backend, sequence batcher with implicit state).")] = None,
     data_dir: DataDirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Export a checkpoint to an ONNX bundle that onnxruntime serves without torch.
 
     Example: rnnlm export --cell rhn   (writes models/rhn/onnx)
+
+    With --triton DIR, also DIR/rnnlm_<cell>/{config.pbtxt, 1/model.onnx, vocab.txt}: Triton keeps
+    each sequence's recurrent state on the server between requests (see the README).
 
     Nothing is written unless onnxruntime agrees with PyTorch (|Δ log p| <= 1e-4 at batch 1 and 3,
     lengths 1, 7 and 64).
@@ -214,6 +219,10 @@ def export(
 
     summary = run(lambda: export_bundle(model_dir, cell=cell, out=out, opset=opset, chunk=chunk, quantize=quantize,
                                         force=force, data_dir=data_dir))
+    if triton is not None:
+        from rnnlm.export.triton import write_triton_repository
+
+        summary["triton"] = str(run(lambda: write_triton_repository(summary["bundle"], triton, force=force)))
     text = (f"wrote {summary['bundle']} in {summary['seconds']} s; validated against PyTorch: max |Δ log p| "
             f"{summary['max_abs_logprob_diff']:.1e}")
     if "valid_ppl" in summary:
@@ -222,6 +231,8 @@ def export(
         q = summary["quantization"]
         text += (f"\nint8: ppl {q['fp32_ppl']:.2f} -> {q['int8_ppl']:.2f} ({q['ppl_rise']:+.2%}), "
                  f"scoring {q['scoring_speedup_1_thread']:.2f}x faster (1 thread)")
+    if "triton" in summary:
+        text += f"\nTriton model repository: {summary['triton']}"
     emit(summary, as_json, text)
 
 

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -36,7 +37,7 @@ def test_no_arguments_shows_help() -> None:
     assert "train" in result.output and "score" in result.output and "generate" in result.output
 
 
-@pytest.mark.parametrize("command", ["info", "data", "train", "eval", "export", "score", "generate"])
+@pytest.mark.parametrize("command", ["info", "data", "train", "eval", "export", "score", "generate", "serve"])
 def test_every_command_has_help_with_an_example(command: str) -> None:
     code, out, _ = invoke(command, "--help")
     assert code == 0
@@ -139,3 +140,27 @@ def test_console_script_runs_without_a_traceback(tmp_path: Path) -> None:
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "Traceback" not in bad.stderr
     ok = subprocess.run([*cmd, "info", "--cell", "rhn", "--json"], capture_output=True, text=True)
     assert ok.returncode == 0 and json.loads(ok.stdout)["model"]["cell"] == "rhn"
+
+
+def test_export_with_triton_writes_a_repository_beside_the_bundle(built: Any, tmp_path: Path) -> None:
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    ckpt = built("lstm", False).checkpoint
+    code, out, err = invoke("export", str(ckpt), "--out", str(tmp_path / "bundle"), "--triton", str(tmp_path / "triton"),
+                            "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    repo = Path(summary["triton"])
+    assert repo.parent == tmp_path / "triton" and (repo / "1" / "model.onnx").is_file()
+    config = text_format.Parse((repo / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert config.backend == "onnxruntime"
+    assert [s.input_name for s in config.sequence_batching.state] == [s["input"] for s in manifest["state"]]
+
+    # A second export into a directory the user filled with something else is refused, cleanly.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    code, out, err = invoke("export", str(ckpt), "--out", str(tmp_path / "bundle2"), "--triton", str(tmp_path / "mine"))
+    assert_clean_error(code, out, err)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
