@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 from types import FrameType
@@ -45,7 +46,8 @@ def run_server(model: Path | None, *, host: str = "127.0.0.1", port: int = 8000,
     server = DrainingServer(config, app.state.rnnlm, grace)
     holder.append(server)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(message)s")
-    log.info("serving %s on http://%s:%d (OpenAPI docs at /docs)", path, host, sock.getsockname()[1])
+    # Printed at every log level: scripts (and --port 0 users) read the address from it.
+    print(f"serving {path} on http://{host}:{sock.getsockname()[1]} (OpenAPI docs at /docs)", file=sys.stderr, flush=True)
     server.run(sockets=[sock])
     return 1 if failed else 0
 

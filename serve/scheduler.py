@@ -2,9 +2,10 @@
 
     request --admit--> at most max_concurrency running + max_queue waiting; beyond that, refused
                        at once (``Overloaded`` -> 429); while draining, refused (``Draining`` -> 503)
-    score   ---------> joins the pending list; whoever gets a free slot takes the oldest pending
-                       jobs, up to max_batch sequences, and scores them in one batched call
-                       (so concurrent requests share onnxruntime calls; max_batch 1 turns it off)
+    score   ---------> joins the pending list; max_concurrency worker loops each take, when a
+                       slot is free, the oldest pending jobs up to max_batch sequences and score
+                       them in one batched call: requests that arrive while the slots are busy
+                       share the next call (max_batch 1 turns batching off)
     generate --------> holds a slot for its whole length, one onnxruntime step per executor call
 
 No recurrent state is shared: every sequence of every request starts from a fresh state, and a
@@ -67,8 +68,12 @@ class Scheduler:
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="rnnlm-ort")
         self._slots = asyncio.Semaphore(max_concurrency)
         self._pending: list[_ScoreJob] = []
+        self._wake = asyncio.Event()  # set when a job is added
+        self._workers: list[asyncio.Task[None]] = []
 
     def close(self) -> None:
+        for worker in self._workers:
+            worker.cancel()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     # ------------------------------------------------------------------ admission
@@ -108,27 +113,37 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         job = _ScoreJob(sequences, per_token, loop.create_future())
         self._pending.append(job)
+        self._start_workers(loop)
+        self._wake.set()
         try:
-            while not job.future.done():
-                await self._acquire()
-                work: asyncio.Future[None] | None = None
-                try:
-                    batch = self._take_batch()
-                    if batch:
-                        work = loop.run_in_executor(self._pool, self._run_batch, batch, loop)
-                finally:
-                    self._release_when_done(work)
-                # Our own job may be in another holder's batch: wait for whichever finishes first.
-                if work is not None:
-                    either: list[asyncio.Future[Any]] = [work, job.future]
-                    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-                elif not job.future.done() and job not in self._pending:
-                    await asyncio.shield(job.future)
-            return job.future.result()
+            return await job.future
         finally:
             job.cancelled.set()
             if job in self._pending:
                 self._pending.remove(job)
+
+    def _start_workers(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._workers:
+            self._workers = [loop.create_task(self._score_worker()) for _ in range(self.max_concurrency)]
+
+    async def _score_worker(self) -> None:
+        """One of max_concurrency loops: whenever jobs are pending and a slot is free, score all
+        the pending jobs that fit in one batch. Jobs pile up while the slots are busy, so batches
+        grow with the load and a lone request still runs at once."""
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._pending:
+                self._wake.clear()
+                await self._wake.wait()
+            await self._acquire()
+            work: asyncio.Future[None] | None = None
+            try:
+                batch = self._take_batch()
+                if batch:
+                    work = loop.run_in_executor(self._pool, self._run_batch, batch, loop)
+                    await asyncio.shield(work)
+            finally:
+                self._release_when_done(work)
 
     def _take_batch(self) -> list[_ScoreJob]:
         """The oldest pending jobs, up to max_batch sequences (one job may exceed it alone)."""
