@@ -354,8 +354,9 @@ class LanguageModel:
     # ------------------------------------------------------------------ generation
     def generate_ids(self, prompt: str, *, max_new_tokens: int = 50, temperature: float = 1.0, top_k: int | None = None,
                      top_p: float | None = None, seed: int | None = None, num_samples: int = 1,
-                     stop_at_eos: bool = True) -> Iterator[np.ndarray]:
-        """Yield the next token id of each sample, (num_samples,), one step at a time."""
+                     stop_at_eos: bool = True, cancelled: Callable[[], bool] | None = None) -> Iterator[np.ndarray]:
+        """Yield the next token id of each sample, (num_samples,), one step at a time.
+        ``cancelled`` is polled before every step, the prompt's included; True stops with ``Cancelled``."""
         from rnnlm.serve.sampling import sample
 
         self.check_generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -368,6 +369,8 @@ class LanguageModel:
 
         def advance(ids: np.ndarray) -> np.ndarray:
             nonlocal state
+            if cancelled is not None and cancelled():
+                raise Cancelled("the request was cancelled")
             if stepper is not None:
                 return stepper.step(ids)
             out, state = self.step_ids(state, ids)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,8 @@ from typing import Any
 import numpy as np
 from rnnlm.serve.runtime import LanguageModel, ScoreResult
 from rnnlm.serve.text import Token
+
+log = logging.getLogger("rnnlm.serve")
 
 
 class Overloaded(Exception):
@@ -142,6 +145,8 @@ class Scheduler:
                 if batch:
                     work = loop.run_in_executor(self._pool, self._run_batch, batch, loop)
                     await asyncio.shield(work)
+            except Exception:  # _run_batch hands its own errors to the requests; anything else, log and go on
+                log.exception("the scoring worker caught an error")
             finally:
                 self._release_when_done(work)
 
@@ -160,23 +165,25 @@ class Scheduler:
         return batch
 
     def _run_batch(self, batch: list[_ScoreJob], loop: asyncio.AbstractEventLoop) -> None:
-        """In a worker thread: one call over every sequence of every job, results handed back."""
-        sequences = [seq for job in batch for seq in job.sequences]
+        """In a worker thread: one call over every sequence of every job, results handed back.
+        Whatever fails is handed to the batch's requests (raised there), never to the worker."""
         try:
+            sequences = [seq for job in batch for seq in job.sequences]
             logprobs = self.lm.sequence_logprobs(
                 [[t.id for t in seq] for seq in sequences], batch_size=self.max_batch,
                 cancelled=lambda: all(job.cancelled.is_set() for job in batch))
-        except BaseException as e:  # handed to every waiting request, raised there
+            start, results = 0, []
+            for job in batch:
+                n = len(job.sequences)
+                results.append([self.lm.result_of(seq, lp, per_token=job.per_token)
+                                for seq, lp in zip(job.sequences, logprobs[start : start + n], strict=True)])
+                start += n
+        except BaseException as e:
             for job in batch:
                 loop.call_soon_threadsafe(_settle, job.future, None, e)
             return
-        start = 0
-        for job in batch:
-            n = len(job.sequences)
-            results = [self.lm.result_of(seq, lp, per_token=job.per_token)
-                       for seq, lp in zip(job.sequences, logprobs[start : start + n], strict=True)]
-            start += n
-            loop.call_soon_threadsafe(_settle, job.future, results, None)
+        for job, result in zip(batch, results, strict=True):
+            loop.call_soon_threadsafe(_settle, job.future, result, None)
 
     # ------------------------------------------------------------------ generation
     async def generate(self, prompt: str, **kwargs: Any) -> AsyncIterator[np.ndarray]:
@@ -193,7 +200,7 @@ class Scheduler:
                 with contextlib.suppress(RuntimeError):  # the loop closed under us: nobody is waiting
                     loop.call_soon_threadsafe(queue.put_nowait, item)
 
-            steps = self.lm.generate_ids(prompt, **kwargs)
+            steps = self.lm.generate_ids(prompt, **kwargs, cancelled=stop.is_set)  # stops a long prompt too
             try:
                 for ids in steps:
                     if stop.is_set():

@@ -49,6 +49,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from rnnlm.errors import RnnlmError
 
 log = logging.getLogger("rnnlm.serve")
+DEADLINE = "rnnlm.deadline"  # scope key: time.monotonic() by which the request must be answered
 
 
 @dataclass(frozen=True)
@@ -243,7 +244,7 @@ class BodyGuard:
                                    "(rnnlm serve --max-body-bytes)", Connection="close")
         chunks: list[bytes] = []
         size = 0
-        deadline = time.monotonic() + self.timeout
+        deadline = scope[DEADLINE] = time.monotonic() + self.timeout  # the handler's work gets what is left
         while True:
             try:
                 message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.001))
@@ -379,16 +380,20 @@ def create_app(model: str | Path | LanguageModel | None, settings: ServerSetting
         log.exception("internal error on %s", request.url.path)
         return _error(500, "internal error (see the server log)")
 
-    async def timed(work: Awaitable[Any]) -> Any:
+    async def timed(request: Request, work: Awaitable[Any]) -> Any:
+        """The work, cancelled when the request's time (which began before its body) runs out."""
+        deadline = request.scope.get(DEADLINE, time.monotonic() + settings.timeout)
         try:
-            return await asyncio.wait_for(work, settings.timeout)
+            return await asyncio.wait_for(work, max(deadline - time.monotonic(), 0.0))
         except asyncio.TimeoutError:
             raise HTTPException(504, f"the request ran past its {settings.timeout:g} s timeout and was cancelled") from None
 
     # -- scoring
-    @app.post("/v1/score", response_model=ScoreResponse, response_model_exclude_none=True,
+    # exclude_unset: what the handler leaves out (bpc for words, per_token unless asked) is absent;
+    # what it sets to None (ppl of a blank line) is null, as the schema says.
+    @app.post("/v1/score", response_model=ScoreResponse, response_model_exclude_unset=True,
               summary="Perplexity of a text, or of each of a list of sentences")
-    async def score(body: ScoreRequest) -> dict[str, Any]:
+    async def score(body: ScoreRequest, request: Request) -> dict[str, Any]:
         lm, scheduler = state.working()
         if (body.text is None) == (body.lines is None):
             raise RnnlmError('give either "text" (one stream) or "lines" (independent sentences), not both or neither')
@@ -407,7 +412,7 @@ def create_app(model: str | Path | LanguageModel | None, settings: ServerSetting
                 sequences = [lm.tokenizer.line_tokens(line) for line in lines]
             if not any(sequences):
                 raise RnnlmError("the text is empty or only whitespace: nothing to score")
-            results = await timed(scheduler.score(sequences, per_token=body.per_token))
+            results = await timed(request, scheduler.score(sequences, per_token=body.per_token))
         total = _total(results, lm.level)
         metrics.scored.inc(total.tokens)
         if body.text is not None:
@@ -419,7 +424,7 @@ def create_app(model: str | Path | LanguageModel | None, settings: ServerSetting
     @app.post("/v1/generate", response_model=GenerateResponse, summary="Continue a prompt",
               responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or with stream=true, "
                          "server-sent events: `token` events {sample, index, id, token}, then a `done` event"}})
-    async def generate(body: GenerateRequest) -> Any:
+    async def generate(body: GenerateRequest, request: Request) -> Any:
         lm, scheduler = state.working()
         kwargs = dict(max_new_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
                       seed=body.seed, num_samples=body.n, stop_at_eos=body.stop)
@@ -431,9 +436,10 @@ def create_app(model: str | Path | LanguageModel | None, settings: ServerSetting
         if body.stream:
             admission = scheduler.admit()
             admission.__enter__()  # 429 now, as a status, not inside a started stream
-            return _Stream(_events(lm, scheduler, body, kwargs, metrics, settings.timeout), admission.__exit__)
+            deadline = request.scope.get(DEADLINE, time.monotonic() + settings.timeout)
+            return _Stream(_events(lm, scheduler, body, kwargs, metrics, deadline, settings.timeout), admission.__exit__)
         with scheduler.admit():
-            columns = await timed(_collect(scheduler.generate(body.prompt, **kwargs)))
+            columns = await timed(request, _collect(scheduler.generate(body.prompt, **kwargs)))
         samples = lm.sample_ids(columns, body.n, stop_at_eos=body.stop)
         generated = sum(len(s) for s in samples)
         metrics.generated.inc(generated)
@@ -498,6 +504,8 @@ class _Stream(StreamingResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
+        except OSError:  # the client left mid-stream (ASGI 2.4 raises on send): nothing to answer
+            log.info("a client left a stream before its end")
         finally:
             self._release(None, None, None)
 
@@ -507,15 +515,21 @@ def _sse(event: str, data: dict[str, Any]) -> str:
 
 
 async def _events(lm: LanguageModel, scheduler: Scheduler, body: GenerateRequest, kwargs: dict[str, Any],
-                  metrics: Metrics, timeout: float) -> AsyncIterator[str]:
+                  metrics: Metrics, deadline: float, timeout: float) -> AsyncIterator[str]:
     """``token`` events {sample, index, id, token} as tokens come, then ``done`` with the samples;
     an ``error`` event ends a stream that fails or runs past its timeout once it has started."""
-    deadline = time.monotonic() + timeout
     columns = []
     done = [False] * body.n
     steps = scheduler.generate(body.prompt, **kwargs)
     try:
-        async for ids in steps:
+        while True:
+            try:  # the deadline also covers a long prompt, before the first token
+                ids = await asyncio.wait_for(steps.__anext__(), max(deadline - time.monotonic(), 0.0))
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                yield _sse("error", {"error": f"the request ran past its {timeout:g} s timeout and was cancelled"})
+                return
             columns.append(ids)
             for b, tid in enumerate(ids.tolist()):
                 if done[b]:
@@ -525,9 +539,6 @@ async def _events(lm: LanguageModel, scheduler: Scheduler, body: GenerateRequest
                     continue
                 metrics.generated.inc()
                 yield _sse("token", {"sample": b, "index": len(columns) - 1, "id": tid, "token": lm.vocab[tid]})
-            if time.monotonic() > deadline:
-                yield _sse("error", {"error": f"the request ran past its {timeout:g} s timeout and was cancelled"})
-                return
     except RnnlmError as e:
         yield _sse("error", {"error": e.message})
         return

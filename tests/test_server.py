@@ -193,9 +193,6 @@ def test_score_lines_each_alone(client: TestClient, lm: LanguageModel) -> None:
     assert "per_token" not in body  # per token is per line
 
 
-@pytest.mark.xfail(strict=True, reason="server bug: /v1/score is declared with response_model_exclude_none=True, "
-                   "so a blank line's ppl (and ppl_excluding_oov), documented as null, is dropped from the "
-                   "JSON instead of sent as null, although the schema marks ppl required")
 def test_score_lines_blank_line_has_null_ppl(client: TestClient) -> None:
     body = client.post("/v1/score", json={"lines": ["the market", ""]}).json()
     blank = body["lines"][1]
@@ -869,9 +866,6 @@ def test_a_scored_request_does_not_wait_for_the_next_batch(lm: LanguageModel, mo
     assert all(done[n].status_code == 200 for n in "ABCDEF")
 
 
-@pytest.mark.xfail(strict=True, reason="server bug: ServerSettings.timeout is documented as 'seconds per request, "
-                   "body included', but BodyGuard gives the body the whole timeout and then timed() gives the work "
-                   "another whole timeout, so a request can run for up to twice its timeout without a 504")
 def test_the_timeout_counts_the_body_too(lm: LanguageModel, monkeypatch: pytest.MonkeyPatch) -> None:
     real = lm.sequence_logprobs
 
@@ -924,11 +918,6 @@ def test_generate_timeout_stops_the_steps(lm: LanguageModel, monkeypatch: pytest
         assert_ready(client)
 
 
-@pytest.mark.xfail(strict=True, reason="server bug: a generate request's prompt is fed through the step graph one "
-                   "token at a time in LanguageModel.generate_ids before its first yield, and Scheduler.generate's "
-                   "producer thread only looks at its stop event between yielded tokens, so after a 504 the "
-                   "onnxruntime slot stays held until the whole prompt (up to ~max_body_bytes of words) has been "
-                   "stepped: the work is not cancelled")
 def test_generate_timeout_stops_a_long_prompt(lm: LanguageModel, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = slow_steps(lm, monkeypatch, 0.002)  # 1,500 prompt words: 3 s of steps
     with serve(lm, timeout=0.2) as client:
@@ -1017,11 +1006,6 @@ def test_a_queued_request_waits_and_the_next_is_refused(lm: LanguageModel, monke
         assert metric(client.get("/metrics").text, "rnnlm_queue_depth") == 0
 
 
-@pytest.mark.xfail(strict=True, reason="server bug (scheduler): an exception raised in Scheduler._run_batch after "
-                   "sequence_logprobs (building the results: lm.result_of) escapes its try, so the batch's futures "
-                   "are never settled (the request hangs to a 504 instead of a 500) and the exception ends that "
-                   "_score_worker task for good: with max_concurrency=1 no score request is ever served again, "
-                   "while readiness stays 200")
 def test_an_error_in_one_batch_does_not_stop_scoring(lm: LanguageModel, monkeypatch: pytest.MonkeyPatch) -> None:
     real, calls = lm.result_of, [0]
 
