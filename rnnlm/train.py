@@ -8,6 +8,10 @@
 
 Ctrl-C or SIGTERM finishes the current step, writes the resume state and exits 130 or 143.
 A non-finite loss or gradient stops the run before the optimizer can write NaN into the weights.
+
+Under ``torchrun --nproc-per-node W`` the same loop runs data-parallel (rnnlm/distributed.py): each
+rank trains B / W of the streams, DDP averages the gradients, rank 0 validates and writes, and every
+stop (signal, budget, divergence) is agreed on by all ranks at the same step.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import tempfile
@@ -31,6 +36,7 @@ import torch.nn.functional as F
 from rnnlm import checkpoint as ckpt
 from rnnlm.config import ModelConfig, TrainConfig, apply_overrides, resolve
 from rnnlm.data import BpttBatches, Corpus, Vocabulary, batchify, load_ptb
+from rnnlm.distributed import Comm, detect, process_group, rank_device
 from rnnlm.errors import RnnlmError
 from rnnlm.evaluate import evaluate
 from rnnlm.fsutil import atomic_write_text
@@ -49,6 +55,8 @@ class TrainResult:
     interrupted_by: int | None = None  # the signal number, when stopped by one
     metrics: list[dict[str, Any]] = field(default_factory=list)
     step_losses: list[float] = field(default_factory=list)  # the mean loss of each step this call ran
+    rank: int = 0  # of world_size processes (torchrun); only rank 0 writes and reports
+    world_size: int = 1
 
     @property
     def exit_code(self) -> int:
@@ -132,12 +140,15 @@ def train(
     eval_batch_size: int = 32,
     quiet: bool = False,
     on_step: Callable[[int], None] | None = None,
+    distributed: bool | None = None,
 ) -> TrainResult:
     """Train a language model and write its checkpoint directory; see the module docstring.
 
     ``corpus`` replaces the Penn Treebank (tests pass tiny ones). ``time_budget`` is in minutes
     and includes validation. ``on_step(step)`` is called after every optimizer step (tests use it
-    to send a signal at a chosen step).
+    to send a signal at a chosen step). ``distributed``: ``None`` trains data-parallel when
+    torchrun started several processes (WORLD_SIZE > 1) and as one process otherwise; ``True``
+    insists on torchrun, ``False`` refuses it (see :func:`rnnlm.distributed.detect`).
     """
     if time_budget is not None and not time_budget > 0:
         raise RnnlmError(f"--time-budget is in minutes and must be > 0, got {time_budget}")
@@ -152,7 +163,9 @@ def train(
     if seed is not None:
         extra.append(f"seed={seed}")
     model_cfg, train_cfg = apply_overrides(p.model, p.train, extra)
-    dev = pick_device(device)
+    world = detect(distributed)
+    world.streams(train_cfg.batch_size)  # refuse a batch the ranks cannot share before any of them waits
+    dev = rank_device(world, pick_device(device))
 
     if corpus is None:
         corpus = load_ptb(data_dir, level=model_cfg.level)
@@ -164,13 +177,15 @@ def train(
     if dry_run:
         corpus = _slice_corpus(corpus, 20 * train_cfg.batch_size * train_cfg.bptt, 2000)
         max_steps = min(max_steps or 5, 5)
-        tmp_out = tempfile.TemporaryDirectory(prefix="rnnlm-dry-run-")
-        out_dir = Path(tmp_out.name)
+        if world.rank == 0:
+            tmp_out = tempfile.TemporaryDirectory(prefix="rnnlm-dry-run-")
+        out_dir = Path(tmp_out.name) if tmp_out is not None else Path(os.devnull)  # other ranks never write
     else:
         out_dir = Path(out) if out is not None else Path("models") / model_cfg.cell
     try:
-        return _run(model_cfg, train_cfg, corpus, out_dir, dev, max_steps, time_budget, resume, force,
-                    eval_batch_size, quiet, on_step)
+        with process_group(world, dev) as comm:
+            return _run(model_cfg, train_cfg, corpus, out_dir, dev, max_steps, time_budget, resume, force,
+                        eval_batch_size, quiet, on_step, comm)
     finally:
         if tmp_out is not None:
             tmp_out.cleanup()
@@ -179,28 +194,37 @@ def train(
 def _run(
     model_cfg: ModelConfig, train_cfg: TrainConfig, corpus: Corpus, out: Path, dev: torch.device,
     max_steps: int | None, time_budget: float | None, resume: bool, force: bool, eval_batch_size: int,
-    quiet: bool, on_step: Callable[[int], None] | None,
+    quiet: bool, on_step: Callable[[int], None] | None, comm: Comm,
 ) -> TrainResult:
     started = time.monotonic()
-    log = _Log(quiet)
-    if resume:
-        saved = ckpt.load_train_state(out)
-        _check_same_run(out, model_cfg, train_cfg, corpus, force)
-    else:
-        if (out / ckpt.TRAIN_STATE).exists() and not force:
-            raise RnnlmError(f"{out} already holds a training run: pass --resume to continue it, "
-                             "--force to start over (overwriting it), or --out elsewhere")
-        saved = None
-    _check_writable(out)
+    log = _Log(quiet or not comm.main)
+    train_data = comm.shard(batchify(corpus.train, train_cfg.batch_size))  # (N, B / W): this rank's streams
+
+    def prepare() -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:  # rank 0 only: it owns `out`
+        if resume:
+            saved = ckpt.load_train_state(out)
+            _check_same_run(out, model_cfg, train_cfg, corpus, force)
+            _check_world_size(out, saved, comm.size, force)
+        else:
+            if (out / ckpt.TRAIN_STATE).exists() and not force:
+                raise RnnlmError(f"{out} already holds a training run: pass --resume to continue it, "
+                                 "--force to start over (overwriting it), or --out elsewhere")
+            saved = None
+        _check_writable(out)
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()] \
+            if saved is not None and (out / "metrics.jsonl").exists() else []
+        return saved, rows
+
+    saved, metrics = comm.on_main(prepare)
 
     torch.manual_seed(train_cfg.seed)
     model = LanguageModel(model_cfg).to(dev)
+    if comm.parallel:  # the same initial weights on every rank, but dropout masks of its own
+        torch.manual_seed(comm.dropout_seed(train_cfg.seed))
     optimizer = make_optimizer(model, train_cfg)
-    train_data = batchify(corpus.train, train_cfg.batch_size)  # (N, B)
     windows = BpttBatches(train_data, train_cfg.bptt)
-    metrics: list[dict[str, Any]] = []
     epoch, window, step, tokens_seen, best = 0, 0, 0, 0, math.inf
-    state: State = model.init_state(train_cfg.batch_size, dev)
+    state: State = model.init_state(train_data.shape[1], dev)
     if saved is not None:
         model.load_state_dict(saved["model"])
         if saved.get("optimizer_name") == train_cfg.optimizer:
@@ -209,32 +233,65 @@ def _run(
             log(f"the optimizer changed to {train_cfg.optimizer}: starting its state fresh")
         epoch, window, step = saved["epoch"], saved["window"], saved["step"]
         tokens_seen, best = saved["tokens_seen"], saved["best_valid_ppl"]
-        state = tuple(type(s)(*(t.to(dev) for t in saved_s)) for s, saved_s in zip(state, saved["carry"], strict=True))
-        torch.set_rng_state(saved["rng_cpu"])
-        if dev.type == "cuda" and "rng_cuda" in saved:
-            torch.cuda.set_rng_state(saved["rng_cuda"])
-        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()] \
-            if (out / "metrics.jsonl").exists() else []
+        lo, hi = comm.world.streams(train_cfg.batch_size)  # the carry is saved for all B streams
+        state = tuple(type(s)(*(t[lo:hi].to(dev) for t in saved_s)) for s, saved_s in zip(state, saved["carry"], strict=True))
+        rng_cpu = saved.get("rng_cpu_ranks", [saved["rng_cpu"]])
+        if comm.rank < len(rng_cpu):  # else (--force to another world size): this rank's fresh seed
+            torch.set_rng_state(rng_cpu[comm.rank])
+        rng_cuda = saved.get("rng_cuda_ranks", [saved["rng_cuda"]] if "rng_cuda" in saved else [])
+        if dev.type == "cuda" and comm.rank < len(rng_cuda):
+            torch.cuda.set_rng_state(rng_cuda[comm.rank], dev)
         log(f"resuming {out} at epoch {epoch + 1}, window {window}, step {step}")
     else:
-        corpus.vocab.save(out / ckpt.VOCAB)
-        atomic_write_text(out / ckpt.CONFIG, model_cfg.to_json())
-        atomic_write_text(out / ckpt.TRAIN_CONFIG, json.dumps(dataclasses.asdict(train_cfg), indent=2) + "\n")
+        def write_run_files() -> None:
+            corpus.vocab.save(out / ckpt.VOCAB)
+            atomic_write_text(out / ckpt.CONFIG, model_cfg.to_json())
+            atomic_write_text(out / ckpt.TRAIN_CONFIG, json.dumps(dataclasses.asdict(train_cfg), indent=2) + "\n")
 
-    def resume_state() -> dict[str, Any]:
+        comm.on_main(write_run_files)
+    net = comm.wrap(model)  # DDP when data-parallel: train through `net`, evaluate and save `model`
+
+    def rank_state() -> dict[str, Any]:
+        """What only this rank knows: its streams' carried state and its random state."""
+        part: dict[str, Any] = {"carry": [tuple(t.cpu() for t in layer) for layer in state],
+                                "rng_cpu": torch.get_rng_state()}
+        if dev.type == "cuda":
+            part["rng_cuda"] = torch.cuda.get_rng_state(dev)
+        return part
+
+    def resume_state(parts: list[dict[str, Any]]) -> dict[str, Any]:
         s: dict[str, Any] = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "optimizer_name": train_cfg.optimizer,
             "epoch": epoch, "window": window,
             "step": step, "tokens_seen": tokens_seen, "best_valid_ppl": best,
-            "carry": [tuple(t.cpu() for t in layer) for layer in state], "rng_cpu": torch.get_rng_state(),
+            "carry": _join_carries([p["carry"] for p in parts]), "rng_cpu": parts[0]["rng_cpu"],
         }
-        if dev.type == "cuda":
-            s["rng_cuda"] = torch.cuda.get_rng_state()
+        if "rng_cuda" in parts[0]:
+            s["rng_cuda"] = parts[0]["rng_cuda"]
+        if len(parts) > 1:  # a single-process run writes exactly what it always has
+            s["world_size"] = len(parts)
+            s["rng_cpu_ranks"] = [p["rng_cpu"] for p in parts]
+            if "rng_cuda" in parts[0]:
+                s["rng_cuda_ranks"] = [p["rng_cuda"] for p in parts]
         return s
 
-    def save_resume() -> None:
+    def save_resume(parts: list[dict[str, Any]] | None) -> None:
+        assert parts is not None  # rank 0 holds every rank's part
         ckpt.check_finite(model)
-        ckpt.save_train_state(out, resume_state())
+        ckpt.save_train_state(out, resume_state(parts))
+
+    # Rank 0 alone runs these (comm.on_main); ``parts`` is every rank's rank_state(), in rank order.
+    def write_interrupted(parts: list[dict[str, Any]] | None) -> None:
+        save_resume(parts)
+        log(f"interrupted at step {step}: wrote {out / ckpt.TRAIN_STATE}; continue with --resume")
+
+    def write_validated(parts: list[dict[str, Any]] | None, improved: bool, summary: str) -> None:
+        if improved:
+            ckpt.save_model_dir(out, model, corpus.vocab, train_cfg)
+        save_resume(parts)
+        atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+        plot_curves(metrics, out / "curves.png", f"{model_cfg.cell}: {out.name}")
+        log(summary)
 
     budget_s = time_budget * 60 if time_budget is not None else math.inf
     valid_cost_s = 0.0  # measured at the first validation, reserved from the budget afterwards
@@ -242,7 +299,8 @@ def _run(
     step_losses: list[float] = []
     with stop_on_signals() as signals, log.progress(len(windows)) as bar:
         while epoch < train_cfg.epochs:
-            if window == 0 and valid_cost_s and time.monotonic() - started + 2 * valid_cost_s >= budget_s:
+            too_late = window == 0 and valid_cost_s and time.monotonic() - started + 2 * valid_cost_s >= budget_s
+            if comm.main_decides(bool(too_late)):
                 break  # the last validation was just done; a few steps more would only cost another one
             lr = learning_rate(train_cfg, epoch)
             for group in optimizer.param_groups:
@@ -253,13 +311,16 @@ def _run(
             out_of_budget = False
             for index, x_np, y_np in windows.windows(window):
                 x, y = torch.from_numpy(x_np).to(dev), torch.from_numpy(y_np).to(dev)
-                logits, state = model(x, state)
+                logits, state = net(x, state)
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss.backward()  # under DDP the gradients arrive averaged over the ranks
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.clip or math.inf)
-                if not (torch.isfinite(loss) and torch.isfinite(norm)):
-                    what = "loss" if not torch.isfinite(loss) else "gradient norm"
+                # A loss is one rank's own: sum the losses and the non-finite flags over the ranks.
+                loss_sum, bad_loss, bad_norm = comm.all_sum(
+                    [float(loss.detach()), not torch.isfinite(loss), not torch.isfinite(norm)])
+                if bad_loss or bad_norm:
+                    what = "loss" if bad_loss else "gradient norm"
                     raise RnnlmError(
                         f"training diverged at step {step + 1}: the {what} is not finite (lr {lr:g}). "
                         f"Lower the learning rate (--set lr=...) or the clip norm; the last good checkpoint "
@@ -267,7 +328,7 @@ def _run(
                 optimizer.step()
                 state = detach_state(state)
                 step, window = step + 1, index + 1
-                n, loss_value = y.numel(), float(loss.detach())
+                n, loss_value = y.numel() * comm.size, loss_sum / comm.size  # every rank scores as many tokens
                 tokens_seen += n
                 step_losses.append(loss_value)
                 epoch_nll += loss_value * n
@@ -278,20 +339,22 @@ def _run(
                             left=budget_s - elapsed if budget_s < math.inf else None)
                 if on_step is not None:
                     on_step(step)
-                if signals:
-                    interrupted = signals[0]
+                # Any rank's signal stops all of them; the budget is read from rank 0's clock only.
+                over = (max_steps is not None and step >= max_steps) or elapsed + valid_cost_s >= budget_s
+                signum, over_flag = comm.all_max([signals[0] if signals else 0, over and comm.main])
+                if signum:
+                    interrupted = int(signum)
                     break
-                if (max_steps is not None and step >= max_steps) or elapsed + valid_cost_s >= budget_s:
+                if over_flag:
                     out_of_budget = True
                     break
             if interrupted is not None:
-                save_resume()
-                log(f"interrupted at step {step}: wrote {out / ckpt.TRAIN_STATE}; continue with --resume")
+                comm.on_main(write_interrupted, comm.gather(rank_state()))
                 break
             epoch_done = window >= len(windows)
             t_valid = time.monotonic()
-            result = evaluate(model, corpus.valid, start_id=corpus.vocab.eos_id, batch_size=eval_batch_size,
-                              device=dev)
+            result = comm.on_main(lambda: evaluate(model, corpus.valid, start_id=corpus.vocab.eos_id,
+                                                   batch_size=eval_batch_size, device=dev))
             valid_cost_s = time.monotonic() - t_valid
             train_nll = epoch_nll / max(epoch_tokens, 1)
             row: dict[str, Any] = {
@@ -303,20 +366,36 @@ def _run(
             if model_cfg.level == "char":
                 row["train_bpc"], row["valid_bpc"] = train_nll / math.log(2), result.bpc
             metrics.append(row)
-            if result.ppl < best:
+            improved = result.ppl < best
+            if improved:
                 best = result.ppl
-                ckpt.save_model_dir(out, model, corpus.vocab, train_cfg)
             if epoch_done:
                 epoch, window = epoch + 1, 0
-            save_resume()
-            atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
-            plot_curves(metrics, out / "curves.png", f"{model_cfg.cell}: {out.name}")
-            log(f"epoch {row['epoch']:.2f}  step {step}  train ppl {row['train_ppl']:.1f}  valid ppl "
-                f"{result.ppl:.1f}  lr {lr:.3g}  {row['tokens_per_s']:.0f} tok/s  {row['elapsed_s']:.0f}s")
+            comm.on_main(write_validated, comm.gather(rank_state()), improved,
+                         f"epoch {row['epoch']:.2f}  step {step}  train ppl {row['train_ppl']:.1f}  valid ppl "
+                         f"{result.ppl:.1f}  lr {lr:.3g}  {row['tokens_per_s']:.0f} tok/s  {row['elapsed_s']:.0f}s")
             if out_of_budget:
                 break
     return TrainResult(out=out, epochs_done=epoch, steps=step, best_valid_ppl=best, interrupted_by=interrupted,
-                       metrics=metrics, step_losses=step_losses)
+                       metrics=metrics, step_losses=step_losses, rank=comm.rank, world_size=comm.size)
+
+
+def _join_carries(carries: list[list[tuple[torch.Tensor, ...]]]) -> list[tuple[torch.Tensor, ...]]:
+    """The ranks' carried states (layer, field, (B / W, size)) side by side: the state of all B streams."""
+    if len(carries) == 1:
+        return carries[0]
+    return [tuple(torch.cat(fields, dim=0) for fields in zip(*layers, strict=True))
+            for layers in zip(*carries, strict=True)]
+
+
+def _check_world_size(out: Path, saved: dict[str, Any], world_size: int, force: bool) -> None:
+    was = int(saved.get("world_size", 1))
+    if was != world_size and not force:
+        raise RnnlmError(
+            f"refusing to resume {out}: it was trained by {was} process{'es' if was > 1 else ''} and this run has "
+            f"{world_size}; resume with the same number (torchrun --nproc-per-node {was}"
+            f"{'' if was > 1 else ', or without torchrun'}), or pass --force to continue with {world_size} "
+            "(the carried state is split exactly; the dropout random streams start afresh on the new ranks)")
 
 
 def _check_same_run(out: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, corpus: Corpus, force: bool) -> None:
