@@ -136,6 +136,9 @@ def train(
     Example: rnnlm train --cell rhn --time-budget 20 --data-dir ../shared/data/ptb
 
     Ctrl-C (or SIGTERM) finishes the step, saves, and exits 130 (143); --resume continues exactly.
+
+    Data-parallel: torchrun --nproc-per-node 2 -m rnnlm train --cell lstm --device cpu   (gloo; NCCL
+    on CUDA). Each process trains a share of the batch's streams; rank 0 alone writes.
     """
     from rnnlm.train import train as train_fn
 
@@ -143,9 +146,12 @@ def train(
                                   max_steps=max_steps, time_budget=time_budget, seed=seed, device=device, resume=resume,
                                   force=force, overrides=overrides, dry_run=dry_run))
     data = {"out": str(result.out), "epochs": result.epochs_done, "steps": result.steps,
-            "best_valid_ppl": result.best_valid_ppl, "interrupted": result.interrupted_by is not None}
-    emit(data, as_json, f"best valid ppl {result.best_valid_ppl:.2f} after {result.steps} steps"
-         + ("" if dry_run else f"; checkpoint in {result.out}"))
+            "best_valid_ppl": result.best_valid_ppl, "interrupted": result.interrupted_by is not None,
+            "world_size": result.world_size}
+    if result.rank == 0:  # under torchrun, one summary, not one per process
+        emit(data, as_json, f"best valid ppl {result.best_valid_ppl:.2f} after {result.steps} steps"
+             + ("" if dry_run else f"; checkpoint in {result.out}")
+             + (f" ({result.world_size} processes)" if result.world_size > 1 else ""))
     if result.exit_code:
         raise typer.Exit(result.exit_code)
 
