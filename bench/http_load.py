@@ -107,6 +107,12 @@ async def _get(port: int, path: str) -> bytes:
     return (await r.read()).partition(b"\r\n\r\n")[2]
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc), all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(xs: list[float], q: float) -> float:
     return statistics.quantiles(xs, n=1000, method="inclusive")[int(q * 10) - 1] if len(xs) > 1 else xs[0]
 
@@ -149,9 +155,10 @@ def main() -> None:
                                       "--threads", str(args.threads), "--max-queue", str(4 * args.clients))
             try:
                 asyncio.run(load(port, jobs[:64], args.clients))  # warm-up
-                t = time.perf_counter()
+                t, cpu, server_cpu = time.perf_counter(), time.process_time(), _cpu_seconds(proc.pid)
                 done = asyncio.run(load(port, jobs[: len(sentences)], args.clients))
                 wall = time.perf_counter() - t
+                cpu, server_cpu = time.process_time() - cpu, _cpu_seconds(proc.pid) - server_cpu
                 gen = asyncio.run(load(port, jobs[len(sentences):], args.clients))
                 metrics = asyncio.run(_get(port, "/metrics")).decode()
             finally:
@@ -168,6 +175,8 @@ def main() -> None:
                   f"p50 {percentile(lat, 50) * 1e3:6.1f} ms, p99 {percentile(lat, 99) * 1e3:6.1f} ms, "
                   f"errors {len(errors)}, mismatches vs served alone {mismatches} "
                   f"(of {len(done)} score + {len(gen)} generate), server exit {code}")
+            print(f"  CPU while scoring: server {server_cpu / wall:.2f} cores, these clients {cpu / wall:.2f} cores "
+                  f"(of {os.cpu_count()})")
             count = re.search(r"^rnnlm_score_batch_sequences_count (\S+)", metrics, re.M)
             total = re.search(r"^rnnlm_score_batch_sequences_sum (\S+)", metrics, re.M)
             if count and total and float(count.group(1)):

@@ -221,24 +221,40 @@ class LanguageModel:
     # ------------------------------------------------------------------ scoring
     def _score_ids(self, inputs: np.ndarray, targets: np.ndarray, lengths: np.ndarray,
                    state: State | None = None, cancelled: Callable[[], bool] | None = None) -> tuple[np.ndarray, State]:
-        """(L, B) inputs/targets, per-column lengths -> target log-probabilities (L, B) and final state."""
+        """(L, B) inputs/targets, per-column lengths -> target log-probabilities (L, B) and final state.
+
+        Each call of the scoring graph computes all C positions of every column it gets, so a
+        chunk after the first gets only the columns that have not ended yet (a batch of sentences
+        where a few are long pays for the long ones alone); the others keep their final state."""
         L, B = inputs.shape
         C = self.chunk
-        state = state or self.initial_state(B)
+        arrays = dict((state or self.initial_state(B)).arrays)
         out = np.zeros((L, B), np.float32)
         sess = self.session("score")
         for start in range(0, max(L, 1), C):
             if cancelled is not None and cancelled():
                 raise Cancelled("the request was cancelled")
+            cols = np.flatnonzero(lengths > start) if start else np.arange(B)
+            if len(cols) == 0:
+                break
+            every = len(cols) == B
             n = min(C, L - start)
-            x = np.zeros((C, B), np.int64)
-            y = np.zeros((C, B), np.int64)
-            x[:n], y[:n] = inputs[start : start + n], targets[start : start + n]
+            x = np.zeros((C, len(cols)), np.int64)
+            y = np.zeros((C, len(cols)), np.int64)
+            x[:n] = inputs[start : start + n] if every else inputs[start : start + n, cols]
+            y[:n] = targets[start : start + n] if every else targets[start : start + n, cols]
+            feed = arrays if every else {k: v[cols] for k, v in arrays.items()}
             picked, *new = sess.run(None, {"token_ids": x, "targets": y,
-                                           "lengths": np.clip(lengths - start, 0, C).astype(np.int64), **state.arrays})
-            out[start : start + n] = picked[:n]
-            state = State({s["input"]: v for s, v in zip(self.states, new, strict=True)})
-        return out, state
+                                           "lengths": np.clip(lengths[cols] - start, 0, C).astype(np.int64), **feed})
+            if every:
+                out[start : start + n] = picked[:n]
+                arrays = {s["input"]: v for s, v in zip(self.states, new, strict=True)}
+            else:
+                out[start : start + n, cols] = picked[:n]
+                for s, v in zip(self.states, new, strict=True):
+                    arrays[s["input"]] = arrays[s["input"]].copy()
+                    arrays[s["input"]][cols] = v
+        return out, State(arrays)
 
     def score_tokens(self, tokens: Iterable[Token], *, per_token: bool = False, block: int = 4096,
                      progress: Callable[[int], None] | None = None,
@@ -320,20 +336,14 @@ class LanguageModel:
                           cancelled: Callable[[], bool] | None = None) -> list[np.ndarray]:
         """Log-probabilities (float32, one per token) of each id sequence, scored independently.
 
-        Sequences are sorted by length and batched, ``batch_size`` columns per call, and a batch is
-        cut early where a sequence is more than twice as long as the batch's shortest (plus one
-        chunk): padding costs as much as real tokens."""
+        Sequences are sorted by length and batched, ``batch_size`` columns per call; a long
+        sequence costs the others nothing past their own end (``_score_ids`` drops ended columns)."""
         if batch_size < 1:
             raise RnnlmError(f"batch size must be >= 1, got {batch_size}")
         out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(sequences)
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-        start = 0
-        while start < len(order):
-            shortest = len(sequences[order[start]])
-            end = start + 1
-            while (end < len(order) and end - start < batch_size
-                   and len(sequences[order[end]]) <= 2 * shortest + self.chunk):
-                end += 1
+        for start in range(0, len(order), batch_size):
+            end = start + batch_size
             idx = order[start:end]
             lengths = np.array([len(sequences[i]) for i in idx], np.int64)
             L = max(int(lengths.max()), 1)
@@ -348,7 +358,6 @@ class LanguageModel:
                 out[i] = picked[: lengths[b], b].copy()
             if progress:
                 progress(len(idx))
-            start = end
         return out
 
     # ------------------------------------------------------------------ generation

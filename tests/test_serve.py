@@ -132,6 +132,24 @@ def test_state_carries_across_lines_and_blocks(lm: LanguageModel) -> None:
     assert abs(alone - whole.nll) > 1e-3
 
 
+def test_a_batch_of_mixed_lengths_equals_each_column_alone(lm: LanguageModel) -> None:
+    """Columns that end early leave later chunk calls: their log-probabilities and final states
+    must be what each column gives scored alone, however long the others are."""
+    rng = np.random.default_rng(3)
+    lengths = np.array([3, 3 * CHUNK + 2, CHUNK, 0, CHUNK + 1, 2 * CHUNK], np.int64)
+    L = int(lengths.max())
+    inputs = rng.integers(0, len(TOKENS), (L, len(lengths)))
+    targets = rng.integers(0, len(TOKENS), (L, len(lengths)))
+    picked, state = lm._score_ids(inputs, targets, lengths)
+    for b, n in enumerate(lengths):
+        alone, alone_state = lm._score_ids(inputs[:n, b : b + 1], targets[:n, b : b + 1], lengths[b : b + 1])
+        np.testing.assert_allclose(picked[:n, b], alone[:n, 0], atol=1e-5)
+        for key, value in state.arrays.items():
+            np.testing.assert_allclose(value[b], alone_state.arrays[key][0], atol=1e-5)
+        if n == 0:  # a column with nothing to score keeps the state it came with
+            assert all(np.all(v[b] == 0) for v in state.arrays.values())
+
+
 @pytest.mark.parametrize("batch_size", [1, 3, 64])
 def test_score_lines_equals_each_line_alone(lm: LanguageModel, batch_size: int) -> None:
     lines = [*LINES[:3], "", *LINES[3:], "   ", LINES[1]]

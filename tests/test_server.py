@@ -796,8 +796,9 @@ def test_concurrent_scores_are_batched_and_isolated(lm: LanguageModel, monkeypat
 
         def first_waits(sequences: Any, **kwargs: Any) -> Any:
             if first[0]:  # hold the first batch until the other requests queue up behind it
-                first[0] = False
-                wait_until(lambda: len(scheduler._pending) >= 15, "15 pending requests", timeout=20)
+                first[0] = False  # (it may already hold more than one: requests race to the worker)
+                rest = 16 - len(sequences)
+                wait_until(lambda: len(scheduler._pending) >= rest, f"{rest} pending requests", timeout=20)
             return real(sequences, **kwargs)
 
         monkeypatch.setattr(lm, "sequence_logprobs", first_waits)
