@@ -6,13 +6,10 @@ to its destination, validated, hashed, and renamed into place in one step.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -30,7 +27,7 @@ from rnnlm import __version__
 from rnnlm.checkpoint import load_model_dir
 from rnnlm.data import Vocabulary, load_ptb
 from rnnlm.errors import RnnlmError
-from rnnlm.fsutil import atomic_write_text, replace_dir, sha256
+from rnnlm.fsutil import atomic_write_text, replace_dir, sha256, staging_dir
 from rnnlm.model import LanguageModel
 
 QUANT_TOLERANCE = 0.05  # the relative perplexity rise an int8 bundle may show
@@ -129,10 +126,7 @@ def export_bundle(
     states = state_layout(model)
     step_spec, score_spec = spec.step_graph(states, cfg.vocab_size), spec.score_graph(states, chunk)
 
-    created = [p for p in (out_dir.parent, *out_dir.parent.parents) if not p.exists()]  # undone on failure
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with staging_dir(out_dir.parent, out_dir.name) as tmp:
         step_path, score_path = tmp / spec.STEP_FILE, tmp / spec.SCORE_FILE
         _trace(StepGraph(model).eval(), _example_args(states, None), step_spec, step_path, opset)
         _trace(ScoreGraph(model, chunk).eval(), _example_args(states, chunk), score_spec, score_path, opset)
@@ -173,12 +167,6 @@ def export_bundle(
         }
         atomic_write_text(tmp / spec.MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
         replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for p in created:  # deepest first
-            with contextlib.suppress(OSError):
-                p.rmdir()
-        raise
     summary = {"bundle": str(out_dir), "cell": cfg.cell, "seconds": round(time.monotonic() - t0, 1),
                "max_abs_logprob_diff": report.max_logprob_diff, "max_abs_state_diff": report.max_state_diff, **metrics}
     if quant:

@@ -27,13 +27,10 @@ what the bundle's step graph computes (``_verify``). Imports onnx and onnxruntim
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +42,7 @@ from onnx import TensorProto, helper, numpy_helper
 from rnnlm.serve.bundle import Bundle
 
 from rnnlm.errors import RnnlmError
-from rnnlm.fsutil import atomic_write_bytes, atomic_write_text, replace_dir, sha256
+from rnnlm.fsutil import atomic_write_bytes, atomic_write_text, replace_dir, sha256, staging_dir
 
 MARKER = "rnnlm-triton.json"
 FORMAT = "rnnlm-triton"
@@ -131,13 +128,10 @@ def write_triton_repository(
     config = render_config(name, max_batch_size, round(max_sequence_idle_seconds * 1e6), inputs, outputs, states,
                            labels=("vocab.txt", bundle.vocab_size), comment=f"the step graph of a {m['cell']} language model")
 
-    created = [p for p in (repo, *repo.parents) if not p.exists()]  # undone on failure
-    repo.mkdir(parents=True, exist_ok=True)
     # The temporary directory lives in the repository itself, so the final rename never crosses file
     # systems (a repository is often a mounted volume). A Triton polling the repository may log a
     # failed load of it meanwhile; one started with the default --model-control-mode=none never sees it.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=repo))
-    try:
+    with staging_dir(repo, name) as tmp:
         atomic_write_bytes(tmp / VERSION / "model.onnx", model_bytes)
         atomic_write_bytes(tmp / "vocab.txt", vocab_bytes)
         atomic_write_text(tmp / "config.pbtxt", config)
@@ -158,12 +152,6 @@ def write_triton_repository(
         if (repo / name).is_symlink() or (repo / name).is_file():  # only with force: replace_dir moves directories
             (repo / name).unlink()
         replace_dir(tmp, repo / name)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for p in created:  # deepest first
-            with contextlib.suppress(OSError):
-                p.rmdir()
-        raise
     return repo / name
 
 

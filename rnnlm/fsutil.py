@@ -72,6 +72,26 @@ def atomic_write_with(path: str | os.PathLike[str], writer: Callable[[str], None
         raise
 
 
+@contextlib.contextmanager
+def staging_dir(parent: Path, name: str) -> Iterator[Path]:
+    """A fresh temporary directory inside ``parent`` to build ``name`` in, then move into place
+    with ``replace_dir`` before the block ends. Should the block fail, the directory goes, and so
+    do the ancestors of ``parent`` that this created: a failed write leaves nothing behind.
+    Inside ``parent`` so that the final rename never crosses file systems."""
+    parent = Path(parent)
+    created = [p for p in (parent, *parent.parents) if not p.exists()]  # deepest first
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for p in created:
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
+
+
 def replace_dir(tmp_dir: Path, final: Path) -> None:
     """Move a fully written directory into place, replacing any previous one.
 
