@@ -110,16 +110,20 @@ def np_lstm(cell: LSTMCell, xs: np.ndarray, state: LSTMState, mask: Any = 1.0):
 
 
 def np_rhn(cell: RHNCell, xs: np.ndarray, state: RHNState, mask: Any = 1.0):
-    """The ANCHORS RHN: x enters micro-layer 1 only, coupled carry gate 1 - t."""
+    """The ANCHORS RHN: x enters micro-layer 1 only, coupled carry gate 1 - t; with layer norm,
+    LN(R s + b) + LN(W x) in the first micro-layer."""
     Hs = cell.hidden_size
     W = n(cell.input_proj.weight)  # (2H, IN) = [W_H; W_T]
     s = n(state.s)
     ys = []
     for x in xs:
         for layer in range(cell.depth):
-            R, b = n(cell.recurrent[layer].weight), n(cell.recurrent[layer].bias)
-            pre = s @ R.T + b + (x @ W.T if layer == 0 else 0.0)
-            pre = np_ln(pre, None if cell.norms is None else cell.norms[layer])
+            bias = cell.recurrent[layer].bias
+            R, b = n(cell.recurrent[layer].weight), 0.0 if bias is None else n(bias)
+            if cell.norms is None:
+                pre = s @ R.T + b + (x @ W.T if layer == 0 else 0.0)
+            else:  # Ba et al.: recurrent and input terms normalized separately
+                pre = np_ln(s @ R.T + b, cell.norms[layer]) + (np_ln(x @ W.T, cell.input_norm) if layer == 0 else 0.0)
             h_l = np.tanh(pre[:, :Hs]) * mask
             t_l = sig(pre[:, Hs:])
             s = h_l * t_l + s * (1.0 - t_l)

@@ -208,17 +208,21 @@ def test_rhn_paper_initialisation(layer_norm: bool) -> None:
     scale = 0.04  # ANCHORS: weights uniform ±0.04, b_T = -2
     assert paper.init_scale == scale and paper.rhn_transform_bias == -2.0
     weights = [cell.input_proj.weight] + [layer.weight for layer in cell.recurrent]
-    weights += [layer.bias[:16] for layer in cell.recurrent]
+    weights += [layer.bias[:16] for layer in cell.recurrent if layer.bias is not None]
     for w in weights:
         assert w.abs().max().item() <= scale
     flat = torch.cat([w.detach().reshape(-1) for w in weights])
     assert flat.abs().max().item() > 0.9 * scale and abs(flat.mean().item()) < 0.1 * scale  # spread, centred
-    for layer in cell.recurrent:
-        assert torch.equal(layer.bias[16:], torch.full((16,), -2.0))
-    if layer_norm:  # the bias before LN is normalised away, so b_T must live in LN's bias
+    if not layer_norm:
+        for layer in cell.recurrent:
+            assert torch.equal(layer.bias[16:], torch.full((16,), -2.0))
+    else:  # a bias before LN would be normalised away, so b_T must live in LN's bias
+        assert all(layer.bias is None for layer in cell.recurrent)
         for norm in cell.norms:
             assert torch.equal(norm.bias[1], torch.full((16,), -2.0)) and not norm.bias[0].any()
             assert torch.equal(norm.gain, torch.ones_like(norm.gain))
+        assert torch.equal(cell.input_norm.gain, torch.ones_like(cell.input_norm.gain))
+        assert not cell.input_norm.bias.any()
     # Behaviour: at init the transform gate is about sigmoid(-2), so the cell mostly carries its state.
     cell.eval()
     with torch.no_grad():

@@ -195,9 +195,10 @@ def test_rhn_zero_candidate_mask_only_carries(layer_norm: bool) -> None:
     x, state = torch.randn(B, IN), random_state(cell)
     with torch.no_grad():
         _, new = cell(x, state)
-        pre = cell.recurrent[0](state.s) + cell.input_proj(x)
-        if layer_norm:
-            pre = cell.norms[0](pre)
+        if layer_norm:  # Ba et al.: the recurrent and the input terms normalized separately
+            pre = cell.norms[0](cell.recurrent[0](state.s)) + cell.input_norm(cell.input_proj(x))
+        else:
+            pre = cell.recurrent[0](state.s) + cell.input_proj(x)
         t = torch.sigmoid(pre[:, H:])
     torch.testing.assert_close(new.s, state.s * (1.0 - t), atol=1e-7, rtol=1e-6)
 
@@ -230,11 +231,12 @@ def test_layer_norm_normalises_every_gate(cell_name: str) -> None:
     with torch.no_grad():
         cell.sequence(torch.randn(4, B, IN) * 2.0, random_state(cell))
     per_step = {"lstm": 2, "rhn": cell.depth if cell_name == "rhn" else 0, "hypernets": 4}[cell_name]
-    assert len(records) == 4 * per_step
+    once = 1 if cell_name == "rhn" else 0  # RHN normalizes the input term of all 4 steps in one call
+    assert len(records) == 4 * per_step + once
     for m, inp, out in records:
         G, Hn = m.gain.shape
-        x = inp.double().reshape(B, G, Hn)
-        normalized = (out.double().reshape(B, G, Hn) - m.bias.double()) / m.gain.double()
+        x = inp.double().reshape(-1, G, Hn)
+        normalized = (out.double().reshape(-1, G, Hn) - m.bias.double()) / m.gain.double()
         torch.testing.assert_close(normalized.float(), m.normalize(inp), atol=1e-5, rtol=1e-4)
         var_in = x.var(-1, unbiased=False)
         torch.testing.assert_close(normalized.mean(-1), torch.zeros_like(var_in), atol=1e-5, rtol=0)
@@ -263,8 +265,11 @@ def test_layer_norm_sees_the_real_rhn_pre_activation() -> None:
     cell = build_cell("rhn", layer_norm=True).eval()
     seen: list[Tensor] = []
     cell.norms[0].register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    cell.input_norm.register_forward_hook(lambda m, args, out: seen.append(args[0]))
     x, state = torch.randn(B, IN), random_state(cell)
     with torch.no_grad():
         cell(x, state)
-    expected = x @ cell.input_proj.weight.T + state.s @ cell.recurrent[0].weight.T + cell.recurrent[0].bias
-    torch.testing.assert_close(seen[0], expected, atol=1e-5, rtol=1e-5)
+    # Ba et al.: the input term is normalized on its own, then the recurrent one (no bias before LN)
+    torch.testing.assert_close(seen[0], x @ cell.input_proj.weight.T, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(seen[1], state.s @ cell.recurrent[0].weight.T, atol=1e-5, rtol=1e-5)
+    assert cell.recurrent[0].bias is None

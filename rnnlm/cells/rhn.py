@@ -12,6 +12,17 @@ One layer of recurrence depth L; x enters only the first micro-layer:
 drop_l is variational (one mask per sequence for each micro-layer), drop_c the recurrent dropout
 of Semeniuta et al. on the candidate. Weights uniform ±init_scale (0.04 in the paper), transform
 biases b_T = -2 so that the cell starts out carrying its state.
+
+Layer normalization follows Ba et al. (2016): the recurrent and the input contributions are
+normalized separately, each gate over its own units, and the bias added after,
+
+    [h_pre; t_pre] = LN_l(R_l drop_l(s_{l-1})) + LN_x(W x)·[l=1] + b_l
+
+Normalizing their sum instead (as one might for an LSTM) failed here: once the recurrent term
+dominates the sum, the normalized micro-layer is nearly odd in s, and a trained model had two
+regimes, s and roughly -s (state cosine -0.6 between two starts), one of which predicts
+confidently wrong: validation from a zero state read ppl 10^5-10^6 (bench/RESULTS.md). A
+separately normalized input keeps its weight whatever the state's scale.
 """
 
 from __future__ import annotations
@@ -44,9 +55,12 @@ class RHNCell(nn.Module):
         super().__init__()
         self.input_size, self.hidden_size, self.depth = input_size, hidden_size, depth
         self.input_proj = nn.Linear(input_size, 2 * hidden_size, bias=False)  # [W_H; W_T]
-        # [R_H,l; R_T,l] with biases [b_H,l; b_T,l], one per micro-layer
-        self.recurrent = nn.ModuleList(nn.Linear(hidden_size, 2 * hidden_size) for _ in range(depth))
+        # [R_H,l; R_T,l] with biases [b_H,l; b_T,l], one per micro-layer; with layer norm the biases
+        # are LN's own (a bias before LN would be normalised away, and LN(0 + b) would turn a zero
+        # state into a full-scale copy of b)
+        self.recurrent = nn.ModuleList(nn.Linear(hidden_size, 2 * hidden_size, bias=not layer_norm) for _ in range(depth))
         self.norms = nn.ModuleList(GateLayerNorm(2, hidden_size) for _ in range(depth)) if layer_norm else None
+        self.input_norm = GateLayerNorm(2, hidden_size) if layer_norm else None  # LN_x, gain 1 and bias 0
         self.state_dropouts = nn.ModuleList(SequenceDropout(dropout_recurrent) for _ in range(depth))
         self.candidate_dropout = CandidateDropout(recurrent_dropout)
         with torch.no_grad():
@@ -54,13 +68,16 @@ class RHNCell(nn.Module):
                 p.uniform_(-init_scale, init_scale)
             for layer in self.recurrent:
                 assert isinstance(layer, nn.Linear)
-                layer.bias[hidden_size:].fill_(transform_bias)
-            if self.norms is not None:  # a bias before LN is normalised away: move b_T into LN's bias
-                for norm in self.norms:
+                if layer.bias is not None:
+                    layer.bias[hidden_size:].fill_(transform_bias)
+            if self.norms is not None and self.input_norm is not None:
+                for norm in self.norms:  # b_T lives in LN's bias
                     assert isinstance(norm, GateLayerNorm)
                     norm.gain.fill_(1.0)
                     norm.bias.zero_()
                     norm.bias[1].fill_(transform_bias)
+                self.input_norm.gain.fill_(1.0)
+                self.input_norm.bias.zero_()
 
     def init_state(self, batch: int, device: torch.device | str | None = None) -> RHNState:
         return zeros_state(RHNState, batch, {"s": self.hidden_size}, device, self.input_proj.weight.dtype)
@@ -70,15 +87,20 @@ class RHNCell(nn.Module):
             assert isinstance(d, SequenceDropout)
             d.draw(batch, self.hidden_size, device)
 
+    def project(self, xs: Tensor) -> Tensor:
+        """The input's contribution [W_H x; W_T x] (..., 2H), normalized in the layer-norm variant."""
+        px = self.input_proj(xs)
+        return px if self.input_norm is None else self.input_norm(px).reshape(px.shape)
+
     def step(self, px: Tensor, state: RHNState) -> tuple[Tensor, RHNState]:
-        """One time step from the precomputed input projection px = [W_H x; W_T x]: (B, 2H)."""
+        """One time step from the precomputed input contribution px = project(x): (B, 2H)."""
         s = state.s
         for layer in range(self.depth):
             pre = self.recurrent[layer](self.state_dropouts[layer](s))  # (B, 2H)
-            if layer == 0:
-                pre = pre + px
             if self.norms is not None:
                 pre = self.norms[layer](pre)
+            if layer == 0:
+                pre = pre + px
             h_pre, t_pre = pre.chunk(2, dim=-1)
             h = self.candidate_dropout(torch.tanh(h_pre))
             t = torch.sigmoid(t_pre)
@@ -87,11 +109,11 @@ class RHNCell(nn.Module):
 
     def forward(self, x: Tensor, state: RHNState) -> tuple[Tensor, RHNState]:
         """One time step: x (B, I) -> s_L (B, H)."""
-        return self.step(self.input_proj(x), state)
+        return self.step(self.project(x), state)
 
     def sequence(self, xs: Tensor, state: RHNState, keep: Tensor | None = None) -> tuple[Tensor, RHNState]:
         """All steps of xs (T, B, I); keep (T, B, 1) optionally freezes finished samples."""
-        pxs = self.input_proj(xs)  # (T, B, 2H): the input enters the first micro-layer only
+        pxs = self.project(xs)  # (T, B, 2H): the input enters the first micro-layer only
         outputs = []
         for t, px in enumerate(pxs.unbind(0)):
             y, new = self.step(px, state)
