@@ -129,6 +129,8 @@ def train(
     force: Annotated[bool, typer.Option(help="Start over in a used --out, or resume despite a changed config.")] = False,
     overrides: SetOpt = None,
     dry_run: Annotated[bool, typer.Option(help="A few steps on a slice of the data, in a temporary directory.")] = False,
+    tensorboard: Annotated[bool | None, typer.Option("--tensorboard/--no-tensorboard", help="TensorBoard summaries in "
+                                                     "<out>/tensorboard (default: when tensorboard is installed).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a language model on Penn Treebank and write a checkpoint directory.
@@ -144,7 +146,7 @@ def train(
 
     result = run(lambda: train_fn(cell=cell, preset=preset, level=level, data_dir=data_dir, out=out, epochs=epochs,
                                   max_steps=max_steps, time_budget=time_budget, seed=seed, device=device, resume=resume,
-                                  force=force, overrides=overrides, dry_run=dry_run))
+                                  force=force, overrides=overrides, dry_run=dry_run, tensorboard=tensorboard))
     data = {"out": str(result.out), "epochs": result.epochs_done, "steps": result.steps,
             "best_valid_ppl": result.best_valid_ppl, "interrupted": result.interrupted_by is not None,
             "world_size": result.world_size}

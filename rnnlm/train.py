@@ -42,6 +42,7 @@ from rnnlm.evaluate import evaluate
 from rnnlm.fsutil import atomic_write_text
 from rnnlm.model import LanguageModel, State, detach_state
 from rnnlm.plot import plot_curves
+from rnnlm.summaries import summaries
 
 EXIT_SIGNAL: dict[int, int] = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -141,6 +142,7 @@ def train(
     quiet: bool = False,
     on_step: Callable[[int], None] | None = None,
     distributed: bool | None = None,
+    tensorboard: bool | None = None,
 ) -> TrainResult:
     """Train a language model and write its checkpoint directory; see the module docstring.
 
@@ -149,6 +151,8 @@ def train(
     to send a signal at a chosen step). ``distributed``: ``None`` trains data-parallel when
     torchrun started several processes (WORLD_SIZE > 1) and as one process otherwise; ``True``
     insists on torchrun, ``False`` refuses it (see :func:`rnnlm.distributed.detect`).
+    ``tensorboard``: ``None`` writes summaries to <out>/tensorboard when the package is installed,
+    ``True`` insists, ``False`` writes none (see :mod:`rnnlm.summaries`).
     """
     if time_budget is not None and not time_budget > 0:
         raise RnnlmError(f"--time-budget is in minutes and must be > 0, got {time_budget}")
@@ -185,7 +189,7 @@ def train(
     try:
         with process_group(world, dev) as comm:
             return _run(model_cfg, train_cfg, corpus, out_dir, dev, max_steps, time_budget, resume, force,
-                        eval_batch_size, quiet, on_step, comm)
+                        eval_batch_size, quiet, on_step, comm, tensorboard)
     finally:
         if tmp_out is not None:
             tmp_out.cleanup()
@@ -194,7 +198,7 @@ def train(
 def _run(
     model_cfg: ModelConfig, train_cfg: TrainConfig, corpus: Corpus, out: Path, dev: torch.device,
     max_steps: int | None, time_budget: float | None, resume: bool, force: bool, eval_batch_size: int,
-    quiet: bool, on_step: Callable[[int], None] | None, comm: Comm,
+    quiet: bool, on_step: Callable[[int], None] | None, comm: Comm, tensorboard: bool | None = None,
 ) -> TrainResult:
     started = time.monotonic()
     log = _Log(quiet or not comm.main)
@@ -297,7 +301,8 @@ def _run(
     valid_cost_s = 0.0  # measured at the first validation, reserved from the budget afterwards
     interrupted: int | None = None
     step_losses: list[float] = []
-    with stop_on_signals() as signals, log.progress(len(windows)) as bar:
+    with stop_on_signals() as signals, log.progress(len(windows)) as bar, \
+            summaries(out / "tensorboard", tensorboard, comm.main) as tb:
         while epoch < train_cfg.epochs:
             too_late = window == 0 and valid_cost_s and time.monotonic() - started + 2 * valid_cost_s >= budget_s
             if comm.main_decides(bool(too_late)):
@@ -331,6 +336,7 @@ def _run(
                 n, loss_value = y.numel() * comm.size, loss_sum / comm.size  # every rank scores as many tokens
                 tokens_seen += n
                 step_losses.append(loss_value)
+                tb.step(step, loss_value, lr)
                 epoch_nll += loss_value * n
                 epoch_tokens += n
                 elapsed = time.monotonic() - started
@@ -366,6 +372,7 @@ def _run(
             if model_cfg.level == "char":
                 row["train_bpc"], row["valid_bpc"] = train_nll / math.log(2), result.bpc
             metrics.append(row)
+            tb.validation(row)
             improved = result.ppl < best
             if improved:
                 best = result.ppl

@@ -216,3 +216,43 @@ def test_save_model_dir_refuses_nan_weights(tmp_path: Path) -> None:
     with pytest.raises(RnnlmError, match="not finite"):
         save_model_dir(tmp_path, model, Vocabulary([f"w{i}" for i in range(10)] + ["<unk>", "<eos>"]))
     assert not (tmp_path / "model.safetensors").exists()
+
+
+def _scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in a TensorBoard directory (all its event files), as (step, value) in step order."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    mux = EventMultiplexer().AddRunsFromDirectory(str(directory))
+    mux.Reload()
+    out: dict[str, list[tuple[int, float]]] = {}
+    for run in mux.Runs():
+        for tag in mux.GetAccumulator(run).Tags()["scalars"]:
+            out.setdefault(tag, []).extend((e.step, e.value) for e in mux.Scalars(run, tag))
+    return {tag: sorted(values) for tag, values in out.items()}
+
+
+def test_tensorboard_summaries_hold_the_losses_and_the_metrics_and_continue_on_resume(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")  # installed with the train extra
+    corpus = tiny_corpus()
+    out = tmp_path / "run"
+
+    def interrupt(step: int) -> None:
+        if step == 30:  # in the second epoch, after the first validation
+            os.kill(os.getpid(), signal.SIGINT)
+
+    first = train(cell="lstm", corpus=corpus, out=out, overrides=TINY, device="cpu", quiet=True, on_step=interrupt,
+                  tensorboard=True)
+    second = train(cell="lstm", corpus=corpus, out=out, overrides=TINY, device="cpu", quiet=True, resume=True,
+                   tensorboard=True)
+    losses = first.step_losses + second.step_losses
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    s = _scalars(out / "tensorboard")
+    assert [step for step, _ in s["train/loss"]] == list(range(1, len(losses) + 1))  # no gap, no repeat
+    np.testing.assert_allclose([v for _, v in s["train/loss"]], losses, rtol=1e-6)  # float32 on disk
+    assert [step for step, _ in s["valid/ppl"]] == [m["step"] for m in metrics]
+    np.testing.assert_allclose([v for _, v in s["valid/ppl"]], [m["valid_ppl"] for m in metrics], rtol=1e-6)
+    np.testing.assert_allclose([v for _, v in s["train/lr"]][:1], [metrics[0]["lr"]], rtol=1e-6)
+
+    quiet = train(cell="lstm", corpus=corpus, out=tmp_path / "off", overrides=TINY, device="cpu", quiet=True,
+                  max_steps=3, tensorboard=False)
+    assert not (quiet.out / "tensorboard").exists()
