@@ -326,7 +326,7 @@ def serve(
 
     Example: rnnlm serve --model models/lstm, then
 
-      curl -s localhost:8000/v1/score -d '{"lines": ["the stock market fell"]}'
+      curl -s localhost:8000/v1/score -H 'content-type: application/json' -d '{"lines": ["the stock market fell"]}'
 
     SIGTERM drains: readiness turns off, in-flight requests finish (up to --grace), exit 0.
     """
