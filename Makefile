@@ -36,6 +36,8 @@ test: lint
 bench: install
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/serve.py
+	$(BIN)/python bench/http_load.py --model models/$(CELL)
+	$(BIN)/python bench/ddp_throughput.py --data-dir "$$($(BIN)/rnnlm data --path)"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache
