@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import socket
 import sys
@@ -42,7 +43,8 @@ def run_server(model: Path | None, *, host: str = "127.0.0.1", port: int = 8000,
             server.should_exit = True
 
     app = create_app(path, settings, on_load_failure=on_load_failure)
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=1, lifespan="on")
+    # After our drain nothing is admitted any more; the grace also covers replies still being sent.
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=math.ceil(max(grace, 1.0)), lifespan="on")
     server = DrainingServer(config, app.state.rnnlm, grace)
     holder.append(server)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(message)s")

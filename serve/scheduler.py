@@ -77,7 +77,11 @@ class Scheduler:
     def close(self) -> None:
         for worker in self._workers:
             worker.cancel()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        for job in self._pending:
+            job.cancelled.set()
+        # Not wait=True: this runs on the event loop. A batch still running stops at its next chunk
+        # (its jobs are cancelled) and the interpreter joins the thread at exit.
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ admission
     @contextlib.contextmanager
@@ -222,15 +226,6 @@ class Scheduler:
                 yield item
         finally:
             stop.set()
-            self._release_when_done(work)
-
-    async def run(self, fn: Callable[[], Any]) -> Any:
-        """Anything else that needs onnxruntime, in a slot."""
-        await self._acquire()
-        work = asyncio.get_running_loop().run_in_executor(self._pool, fn)
-        try:
-            return await work
-        finally:
             self._release_when_done(work)
 
 

@@ -18,11 +18,12 @@ that does not arrive in time, 415 for a body that is not JSON, 429 when every sl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,7 @@ from prometheus_client import (
 from pydantic import BaseModel, ConfigDict, Field
 from rnnlm.serve.runtime import LanguageModel, ScoreResult
 from rnnlm.serve.scheduler import Draining, Overloaded, Scheduler
-from rnnlm.serve.text import check_text
+from rnnlm.serve.text import Token, check_text
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -393,32 +394,18 @@ def create_app(model: str | Path | LanguageModel | None, settings: ServerSetting
     # what it sets to None (ppl of a blank line) is null, as the schema says.
     @app.post("/v1/score", response_model=ScoreResponse, response_model_exclude_unset=True,
               summary="Perplexity of a text, or of each of a list of sentences")
-    async def score(body: ScoreRequest, request: Request) -> dict[str, Any]:
+    async def score(body: ScoreRequest, request: Request) -> Response:
         lm, scheduler = state.working()
         if (body.text is None) == (body.lines is None):
             raise RnnlmError('give either "text" (one stream) or "lines" (independent sentences), not both or neither')
         with scheduler.admit():
-            if body.text is not None:
-                text = body.text
-                sequences = [await asyncio.to_thread(lm.tokenizer.text_tokens, text)]  # checks the text too
-            else:
-                lines = body.lines or []
-                if not lines:
-                    raise RnnlmError('"lines" is empty: nothing to score')
-                for i, line in enumerate(lines):
-                    check_text(line, f"lines[{i}]")
-                    if "\n" in line:
-                        raise RnnlmError(f"lines[{i}] contains a newline; each item is one sentence")
-                sequences = [lm.tokenizer.line_tokens(line) for line in lines]
-            if not any(sequences):
-                raise RnnlmError("the text is empty or only whitespace: nothing to score")
+            # Tokenizing up to 1 MiB and encoding a reply of up to ~10 MB (per_token) run in a thread:
+            # on the event loop they would stall every other request, health checks included.
+            sequences = await asyncio.to_thread(_sequences, lm, body)
             results = await timed(request, scheduler.score(sequences, per_token=body.per_token))
-        total = _total(results, lm.level)
-        metrics.scored.inc(total.tokens)
-        if body.text is not None:
-            return {"model": _model_name(lm), **_score_fields(results[0], body.per_token)}
-        return {"model": _model_name(lm), **_score_fields(total, False),
-                "lines": [{"line": i, **_score_fields(r, body.per_token)} for i, r in enumerate(results, 1)]}
+            reply = await asyncio.to_thread(_score_reply, lm, body, results)
+        metrics.scored.inc(sum(r.tokens for r in results))
+        return Response(reply, media_type="application/json")
 
     # -- generation
     @app.post("/v1/generate", response_model=GenerateResponse, summary="Continue a prompt",
@@ -437,7 +424,8 @@ def create_app(model: str | Path | LanguageModel | None, settings: ServerSetting
             admission = scheduler.admit()
             admission.__enter__()  # 429 now, as a status, not inside a started stream
             deadline = request.scope.get(DEADLINE, time.monotonic() + settings.timeout)
-            return _Stream(_events(lm, scheduler, body, kwargs, metrics, deadline, settings.timeout), admission.__exit__)
+            return _Stream(_events(lm, scheduler, body, kwargs, metrics, deadline, settings.timeout), admission.__exit__,
+                           deadline)
         with scheduler.admit():
             columns = await timed(request, _collect(scheduler.generate(body.prompt, **kwargs)))
         samples = lm.sample_ids(columns, body.n, stop_at_eos=body.stop)
@@ -479,6 +467,33 @@ def create_app(model: str | Path | LanguageModel | None, settings: ServerSetting
     return app
 
 
+def _sequences(lm: LanguageModel, body: ScoreRequest) -> list[list[Token]]:
+    """The token sequences of a score request, each scored from a fresh state; refuses bad text."""
+    if body.text is not None:
+        sequences = [lm.tokenizer.text_tokens(body.text)]  # checks the text too
+    else:
+        if not body.lines:
+            raise RnnlmError('"lines" is empty: nothing to score')
+        for i, line in enumerate(body.lines):
+            check_text(line, f"lines[{i}]")
+            if "\n" in line:
+                raise RnnlmError(f"lines[{i}] contains a newline; each item is one sentence")
+        sequences = [lm.tokenizer.line_tokens(line) for line in body.lines]
+    if not any(sequences):
+        raise RnnlmError("the text is empty or only whitespace: nothing to score")
+    return sequences
+
+
+def _score_reply(lm: LanguageModel, body: ScoreRequest, results: list[ScoreResult]) -> bytes:
+    """The JSON of a score response (the ScoreResponse schema): per text, or totals and per line."""
+    if body.text is not None:
+        out = {"model": _model_name(lm), **_score_fields(results[0], body.per_token)}
+    else:
+        out = {"model": _model_name(lm), **_score_fields(_total(results, lm.level), False),
+               "lines": [{"line": i, **_score_fields(r, body.per_token)} for i, r in enumerate(results, 1)]}
+    return json.dumps(out, ensure_ascii=False).encode("utf-8")
+
+
 def _model_name(lm: LanguageModel) -> str:
     """models/rhn/onnx -> "rhn"; a bundle directory elsewhere -> its own name."""
     path = lm.bundle.path
@@ -497,16 +512,23 @@ async def _collect(steps: AsyncIterator[Any]) -> list[Any]:
 class _Stream(StreamingResponse):
     """An event stream that gives its admission back however it ends (done, error, disconnect)."""
 
-    def __init__(self, events: AsyncIterator[str], release: Callable[..., Any]) -> None:
+    def __init__(self, events: AsyncGenerator[str, None], release: Callable[..., Any], deadline: float) -> None:
         super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self._release = release
+        self._events, self._release, self._deadline = events, release, deadline
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            # The whole stream, sending included, within the request's time (plus a little for the
+            # error event): a client that stops reading cannot hold its place in the queue forever.
+            await asyncio.wait_for(super().__call__(scope, receive, send),
+                                   max(self._deadline - time.monotonic(), 0.0) + 5.0)
         except OSError:  # the client left mid-stream (ASGI 2.4 raises on send): nothing to answer
             log.info("a client left a stream before its end")
+        except asyncio.TimeoutError:
+            log.info("a stream outlived its request timeout (a client not reading?): closed")
         finally:
+            with contextlib.suppress(Exception):
+                await self._events.aclose()  # stops the generation thread now, not at garbage collection
             self._release(None, None, None)
 
 
@@ -515,7 +537,7 @@ def _sse(event: str, data: dict[str, Any]) -> str:
 
 
 async def _events(lm: LanguageModel, scheduler: Scheduler, body: GenerateRequest, kwargs: dict[str, Any],
-                  metrics: Metrics, deadline: float, timeout: float) -> AsyncIterator[str]:
+                  metrics: Metrics, deadline: float, timeout: float) -> AsyncGenerator[str, None]:
     """``token`` events {sample, index, id, token} as tokens come, then ``done`` with the samples;
     an ``error`` event ends a stream that fails or runs past its timeout once it has started."""
     columns = []
@@ -541,6 +563,10 @@ async def _events(lm: LanguageModel, scheduler: Scheduler, body: GenerateRequest
                 yield _sse("token", {"sample": b, "index": len(columns) - 1, "id": tid, "token": lm.vocab[tid]})
     except RnnlmError as e:
         yield _sse("error", {"error": e.message})
+        return
+    except Exception:  # the status line is sent: the client learns of it from an error event
+        log.exception("a stream failed")
+        yield _sse("error", {"error": "internal error (see the server log)"})
         return
     finally:
         await steps.aclose()
