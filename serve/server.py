@@ -11,8 +11,10 @@
 
 Every error is JSON ``{"error": "..."}``: 422 for invalid values (the same checks, and the same
 words, as the CLI), 413 for a body over the limit (refused before it is read), 408 for a body
-that does not arrive in time, 415 for a body that is not JSON, 429 when every slot and queue place is taken, 503 while not ready,
-504 when a request runs past its timeout (its work is cancelled).
+that does not arrive in time, 415 for a body that is not JSON, 429 when every slot and queue place
+is taken, 503 while not ready, 504 when a request runs past its timeout (its work is cancelled).
+Bodies and schema: schemas.py; body guard and metrics: guard.py; admission and batching:
+scheduler.py; uvicorn and the drain: daemon.py.
 """
 
 from __future__ import annotations
@@ -32,25 +34,25 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
-from pydantic import BaseModel, ConfigDict, Field
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from rnnlm.serve.guard import DEADLINE, BodyGuard, Metrics, error_response
 from rnnlm.serve.runtime import LanguageModel, ScoreResult
 from rnnlm.serve.scheduler import Draining, Overloaded, Scheduler
+from rnnlm.serve.schemas import (
+    ErrorBody,
+    GenerateRequest,
+    GenerateResponse,
+    ScoreRequest,
+    ScoreResponse,
+    score_fields,
+)
 from rnnlm.serve.text import Token, check_text
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from rnnlm.errors import RnnlmError
 
 log = logging.getLogger("rnnlm.serve")
-DEADLINE = "rnnlm.deadline"  # scope key: time.monotonic() by which the request must be answered
 
 
 @dataclass(frozen=True)
@@ -73,197 +75,6 @@ class ServerSettings:
             raise RnnlmError(f"--max-queue must be >= 0, got {self.max_queue}")
         if not (math.isfinite(self.timeout) and self.timeout > 0):
             raise RnnlmError(f"--timeout must be a positive number of seconds, got {self.timeout}")
-
-
-# ---------------------------------------------------------------------- request and response bodies
-class _Strict(BaseModel):
-    # Unknown fields are refused (a typo like "max_new_tokens" must not be ignored silently), and
-    # no coercion: "temperature": "hot" or "per_token": "yes" is a 422, not a guess.
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class ScoreRequest(_Strict):
-    text: str | None = Field(None, description="One text, scored as a stream: every line ends in <eos>, the "
-                             "state carries across lines (what `rnnlm score FILE` does).",
-                             examples=["the stock market fell\nshares rose"])
-    lines: list[str] | None = Field(None, description="Sentences, each scored on its own from a fresh state "
-                                    "(what `rnnlm score --per-line` does).", examples=[["the stock market fell"]])
-    per_token: bool = Field(False, description="Return every token with its natural-log probability.")
-
-
-class TokenScore(BaseModel):
-    token: str
-    logprob: float
-    oov: bool
-
-
-class Score(BaseModel):
-    tokens: int = Field(description="Scored tokens, <eos> included.")
-    oov: int = Field(description="Of them, out of the vocabulary (scored as <unk>).")
-    nll: float = Field(description="Negative log-likelihood in nats, summed.")
-    ppl: float | None = Field(description="exp(nll / tokens); null when there are no tokens.")
-    ppl_excluding_oov: float | None
-    bpc: float | None = Field(None, description="Bits per character (character models only).")
-    per_token: list[TokenScore] | None = None
-
-
-class LineScore(Score):
-    line: int = Field(description="1-based position in the request's lines.")
-
-
-class ScoreResponse(Score):
-    model: str
-    lines: list[LineScore] | None = None
-
-
-class GenerateRequest(_Strict):
-    prompt: str = Field("", description="Text to continue; empty starts a new sentence.")
-    max_tokens: int = Field(50, description="Tokens to generate per sample.")
-    temperature: float = Field(1.0, description="0 is greedy (argmax).")
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = Field(None, description="The same seed gives the same text (as `rnnlm generate --seed`).")
-    n: int = Field(1, description="Independent samples, generated as one batch.")
-    stop: bool = Field(True, description="Stop a sample at <eos>.")
-    stream: bool = Field(False, description="Server-sent events, one token per event, then a `done` event.")
-
-
-class GenerateResponse(BaseModel):
-    model: str
-    prompt: str
-    samples: list[str]
-    tokens: int = Field(description="Tokens generated, all samples together.")
-    seed: int | None
-
-
-class ErrorBody(BaseModel):
-    error: str
-
-
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
-
-
-def _score_fields(r: ScoreResult, per_token: bool) -> dict[str, Any]:
-    # + 0.0: an empty line's nll is -0.0, which JSON would show as such
-    d: dict[str, Any] = {"tokens": r.tokens, "oov": r.oov, "nll": r.nll + 0.0, "ppl": _finite(r.ppl),
-                         "ppl_excluding_oov": _finite(r.ppl_in_vocab)}
-    if r.level == "char":
-        d["bpc"] = _finite(r.bpc)
-    if per_token and r.per_token is not None:
-        d["per_token"] = [{"token": t, "logprob": lp, "oov": o} for t, lp, o in r.per_token]
-    return d
-
-
-def _error(status: int, message: str, **headers: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers or None)
-
-
-# ---------------------------------------------------------------------- metrics
-class Metrics:
-    ENDPOINTS = ("/v1/score", "/v1/generate", "/v1/model", "/v2/health/live", "/v2/health/ready", "/metrics")
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter("rnnlm_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r)
-        self.latency = Histogram("rnnlm_request_seconds", "Request latency, body read to last byte sent", ["endpoint"],
-                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
-                                 registry=r)
-        self.scored = Counter("rnnlm_tokens_scored", "Tokens scored", registry=r)
-        self.generated = Counter("rnnlm_tokens_generated", "Tokens generated", registry=r)
-        self.batch = Histogram("rnnlm_score_batch_sequences", "Sequences per batched scoring call",
-                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
-        self.queue = Gauge("rnnlm_queue_depth", "Requests admitted and waiting for a slot", registry=r)
-        self.running = Gauge("rnnlm_requests_running", "Requests holding an onnxruntime slot", registry=r)
-        self.ready = Gauge("rnnlm_ready", "1 when the model is loaded and the server takes requests", registry=r)
-
-    def endpoint(self, path: str) -> str:
-        return path if path in self.ENDPOINTS else "other"  # unknown paths must not grow the label set
-
-
-# ---------------------------------------------------------------------- the body guard
-class BodyGuard:
-    """Reads a request body before the app sees it: refuses one over the limit with 413 before
-    reading it (by its Content-Length) or as soon as it passes the limit (chunked), one that does
-    not arrive within the timeout with 408, and one shorter than its Content-Length with 400.
-    Also records each request's status and latency."""
-
-    def __init__(self, app: ASGIApp, *, max_bytes: int, timeout: float, metrics: Metrics) -> None:
-        self.app, self.max_bytes, self.timeout, self.metrics = app, max_bytes, timeout, metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = [500]
-        endpoint = self.metrics.endpoint(scope["path"])
-
-        async def send_recording(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            refused = None
-            if scope["method"] in ("POST", "PUT", "PATCH"):
-                body, refused = await self._read(scope, receive)
-            if refused is not None:
-                await refused(scope, receive, send_recording)
-                return
-            if scope["method"] in ("POST", "PUT", "PATCH"):
-                replayed = False
-
-                async def replay() -> Message:
-                    nonlocal replayed
-                    if not replayed:
-                        replayed = True
-                        return {"type": "http.request", "body": body, "more_body": False}
-                    return await receive()  # after the body: wait for the disconnect
-
-                await self.app(scope, replay, send_recording)
-            else:
-                await self.app(scope, receive, send_recording)
-        finally:
-            self.metrics.requests.labels(endpoint, str(status[0])).inc()
-            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
-
-    async def _read(self, scope: Scope, receive: Receive) -> tuple[bytes, ASGIApp | None]:
-        headers = dict(scope["headers"])
-        kind = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower()
-        if kind != b"application/json" and not kind.endswith(b"+json"):
-            return b"", _error(415, f"the body must be JSON (Content-Type: application/json), not {kind.decode('latin-1')}")
-        declared: int | None = None
-        if b"content-length" in headers:
-            try:
-                declared = int(headers[b"content-length"])
-            except ValueError:
-                return b"", _error(400, "Content-Length is not a number")
-            if declared > self.max_bytes:
-                return b"", _error(413, f"the body is {declared:,} bytes; the limit is {self.max_bytes:,} "
-                                   "(rnnlm serve --max-body-bytes)", Connection="close")
-        chunks: list[bytes] = []
-        size = 0
-        deadline = scope[DEADLINE] = time.monotonic() + self.timeout  # the handler's work gets what is left
-        while True:
-            try:
-                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.001))
-            except asyncio.TimeoutError:
-                return b"", _error(408, f"the body did not arrive within {self.timeout:g} s", Connection="close")
-            if message["type"] == "http.disconnect":
-                return b"", _error(400, "the client disconnected before sending the whole body")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                return b"", _error(413, f"the body is over the limit of {self.max_bytes:,} bytes "
-                                   "(rnnlm serve --max-body-bytes)", Connection="close")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        if declared is not None and size != declared:
-            return b"", _error(400, f"the body is {size:,} bytes but its Content-Length says {declared:,}")
-        return b"".join(chunks), None
 
 
 # ---------------------------------------------------------------------- the app
@@ -355,31 +166,31 @@ def create_app(model: str | Path | LanguageModel | None, settings: ServerSetting
         for err in exc.errors():
             if err.get("type") == "json_invalid":
                 reason = err.get("ctx", {}).get("error", "invalid")
-                return _error(422, f"the body is not valid JSON: {reason} at character {err['loc'][-1]}")
+                return error_response(422, f"the body is not valid JSON: {reason} at character {err['loc'][-1]}")
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
             problems.append(f"{where}: {err.get('msg', 'invalid')}")
         return JSONResponse({"error": "; ".join(problems)}, status_code=422)
 
     @app.exception_handler(RnnlmError)
     async def refused(request: Request, exc: RnnlmError) -> JSONResponse:
-        return _error(422, exc.message)
+        return error_response(422, exc.message)
 
     @app.exception_handler(Overloaded)
     async def overloaded(request: Request, exc: Overloaded) -> JSONResponse:
-        return _error(429, str(exc), **{"Retry-After": "1"})
+        return error_response(429, str(exc), **{"Retry-After": "1"})
 
     @app.exception_handler(Draining)
     async def unavailable(request: Request, exc: Draining) -> JSONResponse:
-        return _error(503, str(exc), **{"Retry-After": "5"})
+        return error_response(503, str(exc), **{"Retry-After": "5"})
 
     @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), **(exc.headers or {}))
+    async def httperror_response(request: Request, exc: HTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), **(exc.headers or {}))
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:
         log.exception("internal error on %s", request.url.path)
-        return _error(500, "internal error (see the server log)")
+        return error_response(500, "internal error (see the server log)")
 
     async def timed(request: Request, work: Awaitable[Any]) -> Any:
         """The work, cancelled when the request's time (which began before its body) runs out."""
@@ -487,10 +298,10 @@ def _sequences(lm: LanguageModel, body: ScoreRequest) -> list[list[Token]]:
 def _score_reply(lm: LanguageModel, body: ScoreRequest, results: list[ScoreResult]) -> bytes:
     """The JSON of a score response (the ScoreResponse schema): per text, or totals and per line."""
     if body.text is not None:
-        out = {"model": _model_name(lm), **_score_fields(results[0], body.per_token)}
+        out = {"model": _model_name(lm), **score_fields(results[0], body.per_token)}
     else:
-        out = {"model": _model_name(lm), **_score_fields(_total(results, lm.level), False),
-               "lines": [{"line": i, **_score_fields(r, body.per_token)} for i, r in enumerate(results, 1)]}
+        out = {"model": _model_name(lm), **score_fields(_total(results, lm.level), False),
+               "lines": [{"line": i, **score_fields(r, body.per_token)} for i, r in enumerate(results, 1)]}
     return json.dumps(out, ensure_ascii=False).encode("utf-8")
 
 
