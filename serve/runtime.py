@@ -22,11 +22,11 @@ from rnnlm.serve.text import Token, Tokenizer, check_text
 from rnnlm.errors import RnnlmError
 
 MAX_NEW_TOKENS = 10_000  # the cap on one generate call
+DTYPES = {"int64": "tensor(int64)", "float32": "tensor(float)"}
 
 
 class Cancelled(RnnlmError):
     """Work stopped because its caller gave up on it (a timeout, a closed connection)."""
-DTYPES = {"int64": "tensor(int64)", "float32": "tensor(float)"}
 
 
 @dataclass
@@ -271,13 +271,13 @@ class LanguageModel:
             inputs = np.concatenate([[prev], ids[:-1]])
             picked, state = self._score_ids(inputs[:, None], ids[:, None], np.array([len(ids)]), state)
             lp = picked[:, 0].astype(np.float64)
-            oov = np.fromiter((t.oov for t in buf), bool, len(buf))
-            total.tokens += len(buf)
-            total.oov += int(oov.sum())
-            total.nll -= float(lp.sum())
-            total.nll_in_vocab -= float(lp[~oov].sum())
-            if total.per_token is not None:
-                total.per_token.extend((t.text, float(v), t.oov) for t, v in zip(buf, lp, strict=True))
+            part = self.result_of(buf, lp, per_token=total.per_token is not None)
+            total.tokens += part.tokens
+            total.oov += part.oov
+            total.nll += part.nll
+            total.nll_in_vocab += part.nll_in_vocab
+            if total.per_token is not None and part.per_token is not None:
+                total.per_token.extend(part.per_token)
             if on_block is not None:
                 on_block(buf, lp)
             prev = int(ids[-1])
@@ -343,8 +343,7 @@ class LanguageModel:
         out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(sequences)
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
         for start in range(0, len(order), batch_size):
-            end = start + batch_size
-            idx = order[start:end]
+            idx = order[start : start + batch_size]
             lengths = np.array([len(sequences[i]) for i in idx], np.int64)
             L = max(int(lengths.max()), 1)
             inputs = np.full((L, len(idx)), self.eos_id, np.int64)  # (L, B): column b is sequence idx[b]
