@@ -9,6 +9,7 @@
 
 from rnnlm.serve.bundle import Bundle, BundleError
 from rnnlm.serve.runtime import LanguageModel, ScoreResult, State
-from rnnlm.serve.text import TextError, Tokenizer
+
+from rnnlm.text import TextError, Tokenizer
 
 __all__ = ["Bundle", "BundleError", "LanguageModel", "ScoreResult", "State", "TextError", "Tokenizer"]

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 from rnnlm.serve.bundle import find_bundle
 from rnnlm.serve.runtime import LanguageModel, ScoreResult
-from rnnlm.serve.text import TextError, Token, check_text, lines_of, open_input
+
+from rnnlm.text import TextError, Token, check_text, lines_of, open_input
 
 OOV_MARK = "\t<oov>"
 GROUP_LINES = 8192  # lines read and scored together by --per-line

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 from rnnlm.serve.bundle import Bundle, BundleError
-from rnnlm.serve.text import Token, Tokenizer, check_text
 
 from rnnlm.errors import RnnlmError
+from rnnlm.text import Token, Tokenizer, check_text
 
 MAX_NEW_TOKENS = 10_000  # the cap on one generate call
 DTYPES = {"int64": "tensor(int64)", "float32": "tensor(float)"}

@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 from rnnlm.serve.runtime import LanguageModel, ScoreResult
-from rnnlm.serve.text import Token
+
+from rnnlm.text import Token
 
 log = logging.getLogger("rnnlm.serve")
 

@@ -46,11 +46,11 @@ from rnnlm.serve.schemas import (
     ScoreResponse,
     score_fields,
 )
-from rnnlm.serve.text import Token, check_text
 from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
 from rnnlm.errors import RnnlmError
+from rnnlm.text import Token, check_text
 
 log = logging.getLogger("rnnlm.serve")
 

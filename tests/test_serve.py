@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rnnlm.serve.text as text_mod
 from bundles import CHUNK, TOKENS, WORDS, read_manifest, rehash, write_manifest
 from rnnlm.serve import BundleError, LanguageModel, Tokenizer
 from typer.testing import CliRunner
 
+import rnnlm.text as text_mod
 from rnnlm.cli import app
 from rnnlm.errors import RnnlmError
 

@@ -29,9 +29,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from rnnlm.serve.runtime import MAX_NEW_TOKENS, Cancelled, LanguageModel
 from rnnlm.serve.sampling import check_sampling
 from rnnlm.serve.server import ServerSettings, create_app
-from rnnlm.serve.text import check_text
 
 from rnnlm.errors import RnnlmError
+from rnnlm.text import check_text
 
 JSON = {"content-type": "application/json"}
 EOS = "<eos>"
