@@ -4,6 +4,7 @@
         model.safetensors   best weights (by validation perplexity)
         config.json         ModelConfig: the model's whole contract
         vocab.txt           one token per line, line number = id
+        data.json           the text normalization and every file trained on (sha256, size, lines, tokens, OOVs)
         train_config.json   how it was trained
         metrics.jsonl       one line per evaluation
         curves.png          train and valid perplexity against tokens seen
@@ -23,13 +24,13 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from rnnlm.config import ModelConfig, TrainConfig
-from rnnlm.data import Vocabulary
 from rnnlm.errors import RnnlmError
 from rnnlm.fsutil import atomic_write_text, atomic_write_with
 from rnnlm.model import LanguageModel
+from rnnlm.vocab import Vocabulary
 
-WEIGHTS, CONFIG, VOCAB, TRAIN_CONFIG, TRAIN_STATE = (
-    "model.safetensors", "config.json", "vocab.txt", "train_config.json", "train_state.pt",
+WEIGHTS, CONFIG, VOCAB, TRAIN_CONFIG, TRAIN_STATE, DATA = (
+    "model.safetensors", "config.json", "vocab.txt", "train_config.json", "train_state.pt", "data.json",
 )
 
 
@@ -84,6 +85,20 @@ def load_model_dir(model_dir: str | Path, device: str | torch.device = "cpu") ->
         raise RnnlmError(f"{weights}: does not match config.json (missing {sorted(missing)[:3]}, "
                          f"unexpected {sorted(unexpected)[:3]})")
     return model.to(device).eval(), vocab
+
+
+def read_data_record(model_dir: Path) -> dict[str, Any] | None:
+    """``data.json``: what the model was trained on (None for a checkpoint written before it existed)."""
+    path = Path(model_dir) / DATA
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RnnlmError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+        raise RnnlmError(f"{path}: expected an object with a 'files' entry")
+    return data
 
 
 def save_train_state(out: Path, state: dict[str, Any]) -> None:

@@ -131,11 +131,28 @@ def train(
     dry_run: Annotated[bool, typer.Option(help="A few steps on a slice of the data, in a temporary directory.")] = False,
     tensorboard: Annotated[bool | None, typer.Option("--tensorboard/--no-tensorboard", help="TensorBoard summaries in "
                                                      "<out>/tensorboard (default: when tensorboard is installed).")] = None,
+    train_file: Annotated[Path | None, typer.Option("--train", help="Your own training text (any name, anywhere); "
+                                                    "needs --valid. Default: Penn Treebank.")] = None,
+    valid_file: Annotated[Path | None, typer.Option("--valid", help="Validation text for --train.")] = None,
+    test_file: Annotated[Path | None, typer.Option("--test", help="Test text for --train (optional).")] = None,
+    vocab_size: Annotated[int | None, typer.Option(help="Keep the N most frequent training tokens (<unk> and <eos> "
+                                                   "included); the rest become <unk>.")] = None,
+    min_count: Annotated[int, typer.Option(help="Drop training tokens seen fewer than K times (to <unk>).")] = 1,
+    lowercase: Annotated[bool | None, typer.Option("--lowercase/--no-lowercase", help="Lower-case the text "
+                                                   "(default: the preset's; off).")] = None,
+    numbers: Annotated[str | None, typer.Option(help="Map numbers (1,000 3.5 -2) to this token, as PTB writes N; "
+                                                "'' keeps them.")] = None,
+    blank_lines: Annotated[str | None, typer.Option(help="eos: a blank line is an empty sentence (one <eos>); "
+                                                    "skip: ignore it.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Train a language model on Penn Treebank and write a checkpoint directory.
+    """Train a language model on Penn Treebank or your own text and write a checkpoint directory.
 
     Example: rnnlm train --cell rhn --time-budget 20 --data-dir ../shared/data/ptb
+
+    Your own corpus: rnnlm train --train my.train.txt --valid my.valid.txt --vocab-size 20000 --lowercase
+    --numbers N --out models/mine. The normalization you choose is recorded in the checkpoint and in
+    every bundle exported from it, and applied identically by eval, score, rescore and serve.
 
     Ctrl-C (or SIGTERM) finishes the step, saves, and exits 130 (143); --resume continues exactly.
 
@@ -144,9 +161,13 @@ def train(
     """
     from rnnlm.train import train as train_fn
 
+    text = {"lowercase": lowercase, "numbers": numbers, "blank_lines": blank_lines}
+    settings = [*(overrides or []), *(f"{k}={v}" for k, v in text.items() if v is not None)]
     result = run(lambda: train_fn(cell=cell, preset=preset, level=level, data_dir=data_dir, out=out, epochs=epochs,
                                   max_steps=max_steps, time_budget=time_budget, seed=seed, device=device, resume=resume,
-                                  force=force, overrides=overrides, dry_run=dry_run, tensorboard=tensorboard))
+                                  force=force, overrides=settings, dry_run=dry_run, tensorboard=tensorboard,
+                                  files=own_files(train_file, valid_file, test_file), vocab_size=vocab_size,
+                                  min_count=min_count))
     data = {"out": str(result.out), "epochs": result.epochs_done, "steps": result.steps,
             "best_valid_ppl": result.best_valid_ppl, "interrupted": result.interrupted_by is not None,
             "world_size": result.world_size}
@@ -158,42 +179,51 @@ def train(
         raise typer.Exit(result.exit_code)
 
 
+def own_files(train: Path | None, valid: Path | None, test: Path | None) -> Any:
+    """--train/--valid/--test as DataFiles, or None for PTB; --valid or --test alone is refused."""
+    if train is None:
+        if valid is not None or test is not None:
+            raise fail("--valid and --test go with --train (your own corpus); without --train, PTB is used")
+        return None
+    if valid is None:
+        raise fail("--train needs --valid: a validation text picks the best weights")
+    from rnnlm.data import DataFiles
+
+    return DataFiles(train, valid, test)
+
+
 @app.command("eval")
 def eval_cmd(
     model_dir: Annotated[Path | None, typer.Argument(help="Checkpoint directory (default: models/<cell>).")] = None,
     cell: CellOpt = None,
-    split: Annotated[str, typer.Option(help="valid or test (or train).")] = "valid",
+    split: Annotated[str, typer.Option(help="valid or test (or train): the file the checkpoint was trained with.")] = "valid",
+    file: Annotated[Path | None, typer.Option("--file", help="Evaluate this text instead of a split, with the model's "
+                                              "own tokenizer.")] = None,
     batch_size: Annotated[int, typer.Option(help="1 is exact: one stream, the state carried through the split.")] = 1,
     data_dir: DataDirOpt = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     as_json: JsonOpt = False,
 ) -> None:
-    """Evaluate a checkpoint exactly: tokens, total NLL in nats, perplexity (and bpc at char level).
+    """Evaluate a checkpoint exactly: tokens, OOVs, total NLL in nats, perplexity (and bpc at char level).
 
-    Example: rnnlm eval models/rhn --split test --json
+    --split reads the file the checkpoint records in data.json (refused if it changed since);
+    --data-dir, or a checkpoint without data.json, reads PTB's. Examples:
+
+      rnnlm eval models/rhn --split test --json
+
+      rnnlm eval models/mine --file other.txt
     """
 
     def body() -> dict[str, Any]:
-        from rnnlm.checkpoint import load_model_dir
-        from rnnlm.data import load_ptb
-        from rnnlm.evaluate import evaluate
+        from rnnlm.evaluate import evaluate_checkpoint
         from rnnlm.train import pick_device
 
-        if split not in ("train", "valid", "test"):
-            raise RnnlmError(f"--split must be train, valid or test, not {split!r}")
-        if batch_size < 1:
-            raise RnnlmError(f"--batch-size must be >= 1, got {batch_size}")
         directory = model_dir or Path("models") / (cell or "lstm")
-        dev = pick_device(device)
-        model, vocab = load_model_dir(directory, dev)
-        corpus = load_ptb(data_dir, level=model.cfg.level)
-        if corpus.vocab != vocab:
-            raise RnnlmError(f"{directory}/vocab.txt does not match the vocabulary of the data")
-        result = evaluate(model, corpus.split(split), start_id=vocab.eos_id, batch_size=batch_size, device=dev)
-        return {"model": str(directory), "split": split, "batch_size": batch_size, **result.as_dict()}
+        return evaluate_checkpoint(directory, split=split, file=file, batch_size=batch_size, data_dir=data_dir,
+                                   device=pick_device(device))
 
     data = run(body)
-    text = f"{data['split']}: {data['tokens']:,} tokens  nll {data['nll']:.2f} nats  ppl {data['ppl']:.3f}"
+    text = f"{data.get('split', data['file'])}: {data['tokens']:,} tokens ({data['oov']:,} OOV)  nll {data['nll']:.2f} nats  ppl {data['ppl']:.3f}"
     if "bpc" in data:
         text += f"  bpc {data['bpc']:.4f}"
     emit(data, as_json, text)

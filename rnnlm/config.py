@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from rnnlm.errors import RnnlmError
+from rnnlm.text import TextSpec
 
 CELLS = ("lstm", "rhn", "hypernets")
 
@@ -41,6 +42,12 @@ class ModelConfig:
 
     cell: str = "lstm"
     level: str = "word"  # "word" or "char": which PTB files and units (ppl or bpc)
+    # How text becomes tokens (rnnlm.text.TextSpec): chosen for training, applied identically by
+    # eval, export and serving (the bundle's manifest carries it).
+    lowercase: bool = False
+    numbers: str = ""  # "" keeps numbers; "N" maps 1,000 and 3.5 to N (PTB's convention)
+    blank_lines: str = "eos"  # "eos": a blank line is an empty sentence, one <eos>; "skip"
+    char_input: str = "text"  # char level: "text" (every character; whitespace -> _) or "spaced" (ptb.char.*)
     vocab_size: int = 10_000  # filled in from the data's vocabulary
     emb_size: int = 256
     hidden_size: int = 256
@@ -69,6 +76,11 @@ class ModelConfig:
             problems.append(f"unknown cell {self.cell!r} (choose one of {', '.join(CELLS)})")
         if self.level not in ("word", "char"):
             problems.append(f"level must be 'word' or 'char', not {self.level!r}")
+        else:
+            try:
+                self.text_spec()
+            except RnnlmError as e:
+                problems.append(e.message)
         for name in ("vocab_size", "emb_size", "hidden_size", "num_layers", "rhn_depth", "hyper_size", "hyper_embed"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -82,6 +94,10 @@ class ModelConfig:
             )
         if problems:
             raise RnnlmError("invalid model config: " + "; ".join(problems))
+
+    def text_spec(self) -> TextSpec:
+        """The tokenizer's settings this model was trained with."""
+        return TextSpec(self.level, self.lowercase, self.numbers, self.blank_lines, self.char_input)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"

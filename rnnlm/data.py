@@ -1,15 +1,18 @@
-"""Penn Treebank: find it (or fetch it once), verify it, turn it into id streams and batches.
+"""Corpora: Penn Treebank (found, or fetched once, and verified) or a user's own files, read by the
+one tokenizer (:mod:`rnnlm.text`) into id streams and batches.
 
 numpy and the standard library only, so that serving and tests never need torch.
 
-Tokenisation follows the PTB papers: every line is ``line.split() + ["<eos>"]``, so one
+PTB is read verbatim, as the papers read it: every line is ``line.split() + ["<eos>"]``, so one
 ``<eos>`` is counted per line. Word level reads ``ptb.{split}.txt`` (10,000 types, already
 ``<unk>``-ed); char level reads ``ptb.char.{split}.txt``, whose characters are space-separated
-with ``_`` marking word boundaries.
+with ``_`` marking word boundaries. A user's own files need no checksums; the corpus records
+each file's sha256, size, lines, tokens and OOVs, which the checkpoint keeps (``data.json``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -17,23 +20,24 @@ import posixpath
 import tarfile
 import urllib.error
 import urllib.request
-from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from rnnlm.errors import RnnlmError
-from rnnlm.fsutil import atomic_write_bytes, atomic_write_text
+from rnnlm.fsutil import atomic_write_bytes
+from rnnlm.text import TextError, TextSpec
+from rnnlm.vocab import IdArray, Vocabulary
 
 PTB_URL = "http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz"
 ARCHIVE_DIR = "simple-examples/data"  # members are ./simple-examples/data/<name>
 DOWNLOAD_TIMEOUT_S = 60.0
 ENV_VAR = "RNNLM_DATA_DIR"
 MANIFEST = "SHA256SUMS"
-UNK, EOS = "<unk>", "<eos>"
 SPLITS = ("train", "valid", "test")
 LEVELS = ("word", "char")
 
@@ -46,8 +50,6 @@ CHECKSUMS: dict[str, str] = {
     "ptb.train.txt": "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf",
     "ptb.valid.txt": "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2",
 }
-
-IdArray = npt.NDArray[np.int64]
 
 
 def ptb_filenames(level: str | None = None) -> list[str]:
@@ -197,123 +199,79 @@ def locate_ptb(
     )
 
 
-# --------------------------------------------------------------------------- vocabulary
-
-
-class Vocabulary:
-    """A bijection between tokens and ids; the id of ``itos[i]`` is ``i``."""
-
-    def __init__(self, itos: Sequence[str]) -> None:
-        self.itos: list[str] = list(itos)
-        self.stoi: dict[str, int] = {}
-        for i, token in enumerate(self.itos):
-            if token in self.stoi:
-                raise RnnlmError(f"duplicate token {token!r} at ids {self.stoi[token]} and {i}")
-            if token.split() != [token]:  # one line of vocab.txt per token: no whitespace inside
-                raise RnnlmError(f"token {i} ({token!r}) is empty or holds whitespace")
-            self.stoi[token] = i
-        for special in (UNK, EOS):
-            if special not in self.stoi:
-                raise RnnlmError(f"vocabulary lacks the special token {special}")
-
-    @classmethod
-    def build(cls, tokens: Iterable[str], specials: Sequence[str] = (UNK, EOS)) -> Vocabulary:
-        """Ids by frequency, most frequent first, ties by first appearance.
-
-        Specials are ranked like any token if they occur; those that never occur go at the end.
-        """
-        counts = Counter(tokens)  # insertion-ordered, and sorted() is stable: ties keep first appearance
-        itos = sorted(counts, key=lambda t: -counts[t])
-        itos += [s for s in specials if s not in counts]
-        return cls(itos)
-
-    @classmethod
-    def load(cls, path: str | Path) -> Vocabulary:
-        """Read ``vocab.txt``: one token per line, the line number (from 0) is its id."""
-        path = Path(path)
-        text = _read_text(path)
-        if not text:
-            raise RnnlmError(f"{path} is empty")
-        lines = text.removesuffix("\n").split("\n")
-        seen: dict[str, int] = {}
-        for lineno, token in enumerate(lines, start=1):
-            if token.split() != [token]:
-                raise RnnlmError(f"{path}, line {lineno}: empty token or whitespace in {token!r}")
-            if token in seen:
-                raise RnnlmError(
-                    f"{path}, line {lineno}: duplicate token {token!r} (first on line {seen[token]})"
-                )
-            seen[token] = lineno
-        for special in (UNK, EOS):
-            if special not in seen:
-                raise RnnlmError(f"{path}: no line holds the special token {special}")
-        return cls(lines)
-
-    def save(self, path: str | Path) -> None:
-        """Write ``vocab.txt`` atomically (UTF-8, one token per line)."""
-        atomic_write_text(path, "".join(f"{t}\n" for t in self.itos))
-
-    def __len__(self) -> int:
-        return len(self.itos)
-
-    def __contains__(self, token: object) -> bool:
-        return token in self.stoi
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Vocabulary) and self.itos == other.itos
-
-    __hash__ = None  # type: ignore[assignment]  # mutable lists inside: not hashable
-
-    def __repr__(self) -> str:
-        return f"Vocabulary({len(self)} tokens: {' '.join(self.itos[:5])} ...)"
-
-    @property
-    def unk_id(self) -> int:
-        return self.stoi[UNK]
-
-    @property
-    def eos_id(self) -> int:
-        return self.stoi[EOS]
-
-    def encode(self, tokens: Sequence[str]) -> IdArray:
-        """Ids of ``tokens`` as int64; unknown tokens map to ``unk_id``."""
-        get, unk = self.stoi.get, self.unk_id
-        return np.fromiter((get(t, unk) for t in tokens), dtype=np.int64, count=len(tokens))
-
-    def decode(self, ids: Iterable[int] | npt.NDArray[np.integer]) -> list[str]:
-        """Tokens of ``ids``; an id outside ``[0, len)`` is refused (no negative wrap-around)."""
-        out = []
-        for i in np.asarray(ids, dtype=np.int64).ravel().tolist():
-            if not 0 <= i < len(self.itos):
-                raise RnnlmError(f"id {i} is outside the vocabulary of {len(self.itos)} tokens")
-            out.append(self.itos[i])
-        return out
-
-
 # --------------------------------------------------------------------------- corpus
 
 
-def tokenize_file(path: str | Path) -> list[str]:
-    """Every line as ``line.split() + ["<eos>"]``, concatenated (lines split on ``\\n`` only)."""
-    lines = _read_text(Path(path)).split("\n")
-    if lines and lines[-1] == "":  # the final newline ends the last line; it does not start one
-        lines.pop()
-    tokens: list[str] = []
-    for line in lines:
-        tokens.extend(line.split())
-        tokens.append(EOS)
-    return tokens
+def ptb_spec(level: str) -> TextSpec:
+    """PTB as the papers read it: verbatim (it is already lower-cased, numbers already ``N``);
+    the character files are already split into characters by spaces."""
+    return TextSpec(level=level, char_input="spaced" if level == "char" else "text")
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """What a model was trained or evaluated on: enough to recognise the file again."""
+
+    path: str
+    sha256: str
+    bytes: int
+    lines: int
+    tokens: int  # <eos> included
+    oov: int  # tokens outside the vocabulary, read as <unk>
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def read_tokens(path: str | Path, spec: TextSpec) -> tuple[list[str], FileRecord]:
+    """The tokens of a text file under ``spec``, and its record (tokens known, oov not yet)."""
+    path = Path(path)
+    if path.is_dir():
+        raise TextError(f"{path} is a directory, not a text file")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise TextError(f"{path}: no such file") from None
+    except PermissionError:
+        raise TextError(f"{path}: permission denied") from None
+    if not data.strip():
+        raise TextError(f"{path} is empty")
+    tokens = list(spec.stream_words(io.BytesIO(data), str(path)))
+    if not tokens:
+        raise TextError(f"{path} holds no tokens")
+    lines = data.count(b"\n") + (not data.endswith(b"\n"))
+    return tokens, FileRecord(str(path.resolve()), hashlib.sha256(data).hexdigest(), len(data), lines, len(tokens), 0)
+
+
+def _encode(tokens: list[str], record: FileRecord, vocab: Vocabulary) -> tuple[IdArray, FileRecord]:
+    return vocab.encode(tokens), dataclasses.replace(record, oov=sum(t not in vocab.stoi for t in tokens))
+
+
+def encode_file(path: str | Path, spec: TextSpec, vocab: Vocabulary) -> tuple[IdArray, FileRecord]:
+    """A text file's ids under ``spec`` and ``vocab``, and its record with the OOV count."""
+    return _encode(*read_tokens(path, spec), vocab)
+
+
+@dataclass(frozen=True)
+class DataFiles:
+    """A user's own corpus: any three files, anywhere (no checksums needed)."""
+
+    train: Path
+    valid: Path
+    test: Path | None = None
 
 
 @dataclass
 class Corpus:
-    """One level of PTB as id streams; the vocabulary is built from train only."""
+    """Id streams of train, valid and (when given) test; the vocabulary is built from train only."""
 
     level: str
     vocab: Vocabulary
     train: IdArray
     valid: IdArray
     test: IdArray
+    spec: TextSpec = TextSpec()
+    records: dict[str, FileRecord] = field(default_factory=dict)
 
     def split(self, name: str) -> IdArray:
         """The ids of split ``name`` (train, valid or test)."""
@@ -322,15 +280,43 @@ class Corpus:
         array: IdArray = getattr(self, name)
         return array
 
+    def describe(self) -> dict[str, Any]:
+        """What ``data.json`` records beside a checkpoint: the text spec, the vocabulary, every file."""
+        return {"text": self.spec.to_json(), "vocab_size": len(self.vocab),
+                "files": {split: r.as_dict() for split, r in self.records.items()}}
+
+
+def load_corpus(files: DataFiles, spec: TextSpec, *, vocab_size: int | None = None, min_count: int = 1) -> Corpus:
+    """Read a corpus under ``spec``, build the vocabulary from train, encode every split.
+
+    Refuses, with one line naming the file: an empty or binary file, text that is not UTF-8, and
+    a valid or test file in which no word is in the vocabulary."""
+    train_tokens, train_record = read_tokens(files.train, spec)
+    vocab = Vocabulary.build(train_tokens, max_size=vocab_size, min_count=min_count)
+    arrays, records = {}, {}
+    arrays["train"], records["train"] = _encode(train_tokens, train_record, vocab)
+    for split in ("valid", "test"):
+        path = getattr(files, split)
+        if path is None:
+            arrays[split] = np.zeros(0, np.int64)
+            continue
+        arrays[split], records[split] = encode_file(path, spec, vocab)
+        if not np.isin(arrays[split], [vocab.unk_id, vocab.eos_id], invert=True).any():
+            raise TextError(f"{path}: none of its {records[split].tokens:,} tokens is a word of the vocabulary built "
+                            f"from {files.train} (is it the right file, and the same language and normalization?)")
+    return Corpus(spec.level, vocab, arrays["train"], arrays["valid"], arrays["test"], spec, records)
+
 
 def load_ptb(data_dir: str | Path | None = None, *, level: str = "word", download: bool = True) -> Corpus:
     """Locate, verify and tokenise PTB at ``level`` ("word" or "char"); see :func:`locate_ptb`."""
     names = ptb_filenames(level)  # validates level before anything touches the disk or network
     directory = locate_ptb(data_dir, level=level, download=download)
-    train, valid, test = (tokenize_file(directory / n) for n in names)
-    vocab = Vocabulary.build(train)
-    return Corpus(level, vocab, vocab.encode(train), vocab.encode(valid), vocab.encode(test))
+    return load_corpus(DataFiles(*(directory / n for n in names)), ptb_spec(level))
 
+
+def tokenize_file(path: str | Path, spec: TextSpec | None = None) -> list[str]:
+    """Every token of a file under ``spec`` (default: verbatim words), ``<eos>`` ending each line."""
+    return read_tokens(path, spec or TextSpec())[0]
 
 # --------------------------------------------------------------------------- batching
 

@@ -8,13 +8,19 @@ is predicted from ``<eos>`` (a sentence start), so a split of N tokens gives N p
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rnnlm.data import FileRecord, encode_file, locate_ptb, ptb_filenames
+from rnnlm.errors import RnnlmError
+from rnnlm.fsutil import sha256
 from rnnlm.model import LanguageModel, detach_state
 
 
@@ -23,6 +29,7 @@ class EvalResult:
     tokens: int
     nll: float  # nats, summed
     level: str = "word"
+    oov: int = 0  # tokens outside the vocabulary, scored as <unk>
 
     @property
     def ppl(self) -> float:
@@ -33,7 +40,7 @@ class EvalResult:
         return self.nll / (self.tokens * math.log(2))
 
     def as_dict(self) -> dict[str, float | int]:
-        d: dict[str, float | int] = {"tokens": self.tokens, "nll": self.nll, "ppl": self.ppl}
+        d: dict[str, float | int] = {"tokens": self.tokens, "oov": self.oov, "nll": self.nll, "ppl": self.ppl}
         if self.level == "char":
             d["bpc"] = self.bpc
         return d
@@ -87,3 +94,45 @@ def evaluate(
             progress(int(m.sum()))  # type: ignore[operator]
     model.train(was_training)
     return EvalResult(tokens=int(mask.sum()), nll=nll, level=model.cfg.level)
+
+
+def evaluation_file(model_dir: Path, split: str, data_dir: str | Path | None, level: str) -> Path:
+    """The file a model's ``split`` was read from: the one its ``data.json`` records (checked
+    unchanged by sha256), or PTB's for ``data_dir`` or a checkpoint that records none."""
+    from rnnlm.checkpoint import read_data_record
+
+    record = None if data_dir is not None else read_data_record(model_dir)
+    if record is None:
+        return locate_ptb(data_dir, level=level) / ptb_filenames(level)[("train", "valid", "test").index(split)]
+    files = record["files"]
+    if split not in files:
+        raise RnnlmError(f"{model_dir} was trained without a {split} file (it has {', '.join(files)}); "
+                         "evaluate a file with --file")
+    saved = FileRecord(**files[split])
+    path = Path(saved.path)
+    if not path.is_file():
+        raise RnnlmError(f"{path}, the {split} file {model_dir}/data.json records, is missing; pass --file")
+    if sha256(path) != saved.sha256:
+        raise RnnlmError(f"{path} changed since {model_dir} was trained (sha256 differs from data.json); "
+                         "pass --file to evaluate it as it is now")
+    return path
+
+
+def evaluate_checkpoint(model_dir: Path, *, split: str | None = "valid", file: str | Path | None = None,
+                        batch_size: int = 1, data_dir: str | Path | None = None,
+                        device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Evaluate a checkpoint on one of the files it was trained with (``split``) or on any text
+    (``file``), read with the model's own tokenizer; the summary ``rnnlm eval --json`` prints."""
+    from rnnlm.checkpoint import load_model_dir
+
+    if file is None and split not in ("train", "valid", "test"):
+        raise RnnlmError(f"--split must be train, valid or test, not {split!r}")
+    if batch_size < 1:
+        raise RnnlmError(f"--batch-size must be >= 1, got {batch_size}")
+    model, vocab = load_model_dir(model_dir, device)
+    path = Path(file) if file is not None else evaluation_file(model_dir, split or "", data_dir, model.cfg.level)
+    ids, record = encode_file(path, model.cfg.text_spec(), vocab)
+    result = evaluate(model, ids, start_id=vocab.eos_id, batch_size=batch_size, device=device)
+    result = dataclasses.replace(result, oov=record.oov)
+    where = {"file": str(path)} if file is not None else {"split": split, "file": str(path)}
+    return {"model": str(model_dir), **where, "batch_size": batch_size, **result.as_dict()}

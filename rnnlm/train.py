@@ -35,7 +35,16 @@ import torch.nn.functional as F
 
 from rnnlm import checkpoint as ckpt
 from rnnlm.config import ModelConfig, TrainConfig, apply_overrides, resolve
-from rnnlm.data import BpttBatches, Corpus, Vocabulary, batchify, load_ptb
+from rnnlm.data import (
+    BpttBatches,
+    Corpus,
+    DataFiles,
+    Vocabulary,
+    batchify,
+    load_corpus,
+    locate_ptb,
+    ptb_filenames,
+)
 from rnnlm.distributed import Comm, detect, process_group, rank_device
 from rnnlm.errors import RnnlmError
 from rnnlm.evaluate import evaluate
@@ -137,6 +146,9 @@ def train(
     force: bool = False,
     overrides: list[str] | None = None,
     dry_run: bool = False,
+    files: DataFiles | None = None,
+    vocab_size: int | None = None,
+    min_count: int = 1,
     corpus: Corpus | None = None,
     eval_batch_size: int = 32,
     quiet: bool = False,
@@ -146,7 +158,10 @@ def train(
 ) -> TrainResult:
     """Train a language model and write its checkpoint directory; see the module docstring.
 
-    ``corpus`` replaces the Penn Treebank (tests pass tiny ones). ``time_budget`` is in minutes
+    ``files`` trains on a user's own corpus instead of the Penn Treebank, its vocabulary built from
+    train (``vocab_size`` most frequent, ``min_count``); the text normalization is the model
+    config's (``lowercase``, ``numbers``, ``blank_lines``). ``corpus`` replaces the data outright
+    (tests pass tiny ones). ``time_budget`` is in minutes
     and includes validation. ``on_step(step)`` is called after every optimizer step (tests use it
     to send a signal at a chosen step). ``distributed``: ``None`` trains data-parallel when
     torchrun started several processes (WORLD_SIZE > 1) and as one process otherwise; ``True``
@@ -172,7 +187,7 @@ def train(
     dev = rank_device(world, pick_device(device))
 
     if corpus is None:
-        corpus = load_ptb(data_dir, level=model_cfg.level)
+        model_cfg, corpus = _training_data(model_cfg, data_dir, files, vocab_size, min_count)
     if corpus.level != model_cfg.level:
         raise RnnlmError(f"the corpus is {corpus.level}-level but the model is {model_cfg.level}-level")
     model_cfg = dataclasses.replace(model_cfg, vocab_size=len(corpus.vocab))
@@ -195,6 +210,23 @@ def train(
             tmp_out.cleanup()
 
 
+def _training_data(cfg: ModelConfig, data_dir: str | Path | None, files: DataFiles | None, vocab_size: int | None,
+                   min_count: int) -> tuple[ModelConfig, Corpus]:
+    """The corpus read with the model's text spec: the user's files, or PTB (whose character files
+    are already split into characters by spaces)."""
+    if files is None:
+        if cfg.level == "char":
+            cfg = dataclasses.replace(cfg, char_input="spaced")
+        directory = locate_ptb(data_dir, level=cfg.level)
+        files = DataFiles(*(directory / name for name in ptb_filenames(cfg.level)))
+    return cfg, load_corpus(files, cfg.text_spec(), vocab_size=vocab_size, min_count=min_count)
+
+
+def _corpus_summary(corpus: Corpus) -> str:
+    parts = [f"{split} {r.tokens:,} tokens ({r.oov:,} OOV)" for split, r in corpus.records.items()]
+    return f"data: {', '.join(parts)}; vocabulary {len(corpus.vocab):,}" if parts else f"vocabulary {len(corpus.vocab):,}"
+
+
 def _run(
     model_cfg: ModelConfig, train_cfg: TrainConfig, corpus: Corpus, out: Path, dev: torch.device,
     max_steps: int | None, time_budget: float | None, resume: bool, force: bool, eval_batch_size: int,
@@ -202,6 +234,7 @@ def _run(
 ) -> TrainResult:
     started = time.monotonic()
     log = _Log(quiet or not comm.main)
+    log(_corpus_summary(corpus))
     train_data = comm.shard(batchify(corpus.train, train_cfg.batch_size))  # (N, B / W): this rank's streams
 
     def prepare() -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:  # rank 0 only: it owns `out`
@@ -249,6 +282,7 @@ def _run(
     else:
         def write_run_files() -> None:
             corpus.vocab.save(out / ckpt.VOCAB)
+            atomic_write_text(out / ckpt.DATA, json.dumps(corpus.describe(), indent=2) + "\n")
             atomic_write_text(out / ckpt.CONFIG, model_cfg.to_json())
             atomic_write_text(out / ckpt.TRAIN_CONFIG, json.dumps(dataclasses.asdict(train_cfg), indent=2) + "\n")
 
@@ -368,6 +402,7 @@ def _run(
                 "tokens_seen": tokens_seen, "lr": lr, "train_ppl": _ppl(train_nll), "valid_ppl": result.ppl,
                 "elapsed_s": round(time.monotonic() - started, 1),
                 "tokens_per_s": round(epoch_tokens / max(t_valid - t0, 1e-9), 1),
+                **({"valid_oov": corpus.records["valid"].oov} if "valid" in corpus.records else {}),
             }
             if model_cfg.level == "char":
                 row["train_bpc"], row["valid_bpc"] = train_nll / math.log(2), result.bpc

@@ -14,6 +14,8 @@ from typing import Any
 
 from rnnlm.errors import RnnlmError
 from rnnlm.fsutil import sha256
+from rnnlm.text import TextSpec
+from rnnlm.vocab import Vocabulary
 
 FORMAT = "rnnlm-bundle"
 SUPPORTED_VERSIONS = (1,)
@@ -94,15 +96,27 @@ class Bundle:
     def vocab_size(self) -> int:
         return int(self.manifest["vocab"]["size"])
 
-    def read_vocab(self) -> list[str]:
+    def read_vocab(self) -> Vocabulary:
+        """The vocabulary (read and checked by the one reader, :meth:`Vocabulary.load`), refused
+        unless its size and special tokens are where the manifest says."""
         path = self.path / self.manifest["vocab"]["file"]
-        tokens = path.read_text(encoding="utf-8").split("\n")
-        if tokens and tokens[-1] == "":
-            tokens.pop()
-        if len(tokens) != self.vocab_size:
-            raise BundleError(f"{path}: {len(tokens)} tokens, but the manifest says {self.vocab_size}")
+        try:
+            vocab = Vocabulary.load(path)
+        except RnnlmError as e:
+            raise BundleError(e.message) from None
+        if len(vocab) != self.vocab_size:
+            raise BundleError(f"{path}: {len(vocab)} tokens, but the manifest says {self.vocab_size}")
         for special in ("unk", "eos"):
             idx, tok = self.manifest["vocab"][f"{special}_id"], self.manifest["vocab"][special]
-            if not 0 <= idx < len(tokens) or tokens[idx] != tok:
+            if vocab.stoi[tok] != idx:
                 raise BundleError(f"{path}: {tok} is not at line {idx + 1} as the manifest says")
-        return tokens
+        return vocab
+
+    def text_spec(self) -> TextSpec:
+        """How this model reads text, as it was trained (the manifest's ``text`` entry)."""
+        try:
+            return TextSpec.from_json(self.manifest["text"])
+        except (KeyError, TypeError) as e:
+            raise BundleError(f"{self.path / MANIFEST}: the text entry is incomplete ({e})") from None
+        except RnnlmError as e:
+            raise BundleError(f"{self.path / MANIFEST}: {e.message}") from None

@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,10 @@ def load(model: Path | None, *, device: str, threads: int | None, raw: bool = Fa
     path = find_bundle(model)
     if model is None:
         note(f"using model {path} (the newest bundle under ./models; pass --model to choose)")
-    return LanguageModel.load(path, device=device, threads=threads, raw=raw, eager=False)
+    lm = LanguageModel.load(path, device=device, threads=threads, raw=raw, eager=False)
+    if lm.device_note:
+        note(lm.device_note)
+    return lm
 
 
 def _fmt(x: float) -> str:
@@ -53,9 +57,8 @@ def _progress(name: str, enabled: bool) -> Any:
 
 def _emit_line(out: Any, i: int, r: ScoreResult, total: ScoreResult, *, as_json: bool, per_token: bool) -> ScoreResult:
     """Write one line's result; return the running total with it added."""
-    total = ScoreResult(total.tokens + r.tokens, total.oov + r.oov, total.nll + r.nll,
-                        total.nll_in_vocab + r.nll_in_vocab, total.level)
-    if r.tokens == 0:  # a blank line
+    total = total.plus(r)
+    if r.tokens == 0:  # a blank line, where the model skips them
         return total
     if as_json:
         row: dict[str, Any] = {"line": i, **r.as_dict()}
@@ -69,6 +72,19 @@ def _emit_line(out: Any, i: int, r: ScoreResult, total: ScoreResult, *, as_json:
     return total
 
 
+class WordCounter:
+    """Passes tokens through, counting those that are not ``<eos>``: a file of blank lines has
+    ``<eos>`` tokens but nothing to score."""
+
+    def __init__(self, tokens: Iterable[Token], eos_id: int) -> None:
+        self.tokens, self.eos_id, self.words = tokens, eos_id, 0
+
+    def __iter__(self) -> Iterator[Token]:
+        for t in self.tokens:
+            self.words += t.id != self.eos_id
+            yield t
+
+
 def score_command(file: str, *, model: Path | None, per_line: bool, per_token: bool, raw: bool, batch_size: int,
                   device: str, threads: int | None, as_json: bool) -> None:
     if batch_size < 1:
@@ -78,15 +94,16 @@ def score_command(file: str, *, model: Path | None, per_line: bool, per_token: b
     out = sys.stdout
     with source:
         if per_line:
-            total = ScoreResult(0, 0, 0.0, 0.0, lm.level)
+            total, words = ScoreResult(0, 0, 0.0, 0.0, lm.level), False
             numbered = enumerate(lines_of(source, name), 1)
             # Groups of lines stream through (bounded memory); within a group, score_lines batches
             # lines of similar length together.
             for group in iter(lambda: list(itertools.islice(numbered, GROUP_LINES)), []):
+                words = words or any(line.strip() for _, line in group)
                 results = lm.score_lines([line for _, line in group], batch_size=batch_size, per_token=per_token)
                 for (i, _), r in zip(group, results, strict=True):
                     total = _emit_line(out, i, r, total, as_json=as_json, per_token=per_token)
-            if total.tokens == 0:
+            if not words:
                 raise TextError(f"{name} is empty or only whitespace: nothing to score")
         else:
             def on_block(tokens: list[Token], lp: np.ndarray) -> None:
@@ -96,15 +113,16 @@ def score_command(file: str, *, model: Path | None, per_line: bool, per_token: b
                 else:
                     out.write("".join(f"{t.text}\t{v:.4f}{OOV_MARK if t.oov else ''}\n" for t, v in zip(tokens, lp, strict=True)))
 
+            counter = WordCounter(lm.tokenizer.stream(source, name), lm.eos_id)
             bar = _progress(name, sys.stderr.isatty() and not per_token)
             if bar is not None:
                 with bar:
                     task = bar.add_task("", total=None)
-                    total = lm.score_tokens(lm.tokenizer.stream(source, name), progress=lambda n: bar.advance(task, n),
+                    total = lm.score_tokens(counter, progress=lambda n: bar.advance(task, n),
                                             on_block=on_block if per_token else None)
             else:
-                total = lm.score_tokens(lm.tokenizer.stream(source, name), on_block=on_block if per_token else None)
-            if total.tokens == 0:
+                total = lm.score_tokens(counter, on_block=on_block if per_token else None)
+            if counter.words == 0:
                 raise TextError(f"{name} is empty or only whitespace: nothing to score")
     if total.oov:
         note(f"{total.oov:,} of {total.tokens:,} tokens are out of the model's vocabulary (scored as <unk>)")
@@ -119,12 +137,13 @@ def generate_command(prompt: str, *, model: Path | None, max_tokens: int, temper
                      threads: int | None, as_json: bool) -> None:
     check_text(prompt, "--prompt")  # before the model loads: bad input costs nothing
     lm = load(model, device=device, threads=threads, raw=raw)
+    kwargs = dict(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                  num_samples=num_samples, stop_at_eos=stop)
+    lm.check_generate(prompt, **kwargs)  # every setting checked before anything is printed
     prompt_tokens = lm.tokenizer.line_tokens(prompt, eos=False)
     unknown = sum(t.oov for t in prompt_tokens)
     if unknown:
         note(f"{unknown} of {len(prompt_tokens)} prompt tokens are out of the vocabulary (read as <unk>)")
-    kwargs = dict(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                  num_samples=num_samples, stop_at_eos=stop)
     if as_json or num_samples > 1:
         samples = lm.generate(prompt, **kwargs)
         if as_json:

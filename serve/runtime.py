@@ -67,6 +67,12 @@ class ScoreResult:
     def bpc(self) -> float:
         return self.nll / (self.tokens * math.log(2)) if self.tokens else float("nan")
 
+    def plus(self, other: ScoreResult) -> ScoreResult:
+        """The total of both texts scored one after the other: counts and nats add up (per-token
+        lists are not carried). The one place totals are formed."""
+        return ScoreResult(self.tokens + other.tokens, self.oov + other.oov, self.nll + other.nll,
+                           self.nll_in_vocab + other.nll_in_vocab, self.level)
+
     def as_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"tokens": self.tokens, "oov": self.oov, "nll": self.nll, "ppl": self.ppl,
                              "ppl_excluding_oov": self.ppl_in_vocab}
@@ -75,23 +81,35 @@ class ScoreResult:
         return d
 
 
-def _has_gpu() -> bool:
+CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+
+
+def gpu_present() -> bool:
     return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/dxg")
 
 
+def cuda_unavailable() -> str | None:
+    """Why onnxruntime cannot run on a GPU here, or None when it can try."""
+    if not gpu_present():
+        return "no NVIDIA GPU on this machine"
+    if CUDA not in ort.get_available_providers():
+        return "this onnxruntime has no CUDA provider (pip install onnxruntime-gpu)"
+    return None
+
+
 def providers_for(device: str) -> list[str]:
-    available = ort.get_available_providers()
+    """onnxruntime providers for ``device``: ``cuda`` that cannot be had is refused (exit 2);
+    ``auto`` takes the GPU when there is one."""
     if device == "cpu":
-        return ["CPUExecutionProvider"]
+        return [CPU]
+    if device not in ("auto", "cuda"):
+        raise RnnlmError(f"--device must be auto, cpu or cuda, not {device!r}")
+    reason = cuda_unavailable()
+    if reason is None:
+        return [CUDA, CPU]
     if device == "cuda":
-        if "CUDAExecutionProvider" not in available:
-            raise RnnlmError("--device cuda: this onnxruntime has no CUDA provider (pip install onnxruntime-gpu)")
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if device == "auto":
-        if "CUDAExecutionProvider" in available and _has_gpu():
-            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        return ["CPUExecutionProvider"]
-    raise RnnlmError(f"--device must be auto, cpu or cuda, not {device!r}")
+        raise RnnlmError(f"--device cuda: {reason}; use --device cpu or auto")
+    return [CPU]
 
 
 class LanguageModel:
@@ -101,9 +119,11 @@ class LanguageModel:
                  eager: bool = True) -> None:
         self.bundle = bundle
         m = bundle.manifest
-        self.level = m["text"]["level"]
-        self.vocab = bundle.read_vocab()
-        self.tokenizer = Tokenizer(self.vocab, level=self.level, unk=m["vocab"]["unk"], eos=m["vocab"]["eos"], raw=raw)
+        spec = bundle.text_spec()
+        self.level = spec.level
+        vocabulary = bundle.read_vocab()
+        self.vocab = vocabulary.itos
+        self.tokenizer = Tokenizer(spec.raw() if raw else spec, vocabulary)
         self.eos_id = self.tokenizer.eos_id
         self.chunk = bundle.chunk
         self.states = m["state"]
@@ -114,6 +134,7 @@ class LanguageModel:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         opts.enable_mem_reuse = False
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.log_severity_level = 4  # a CUDA provider that cannot start is reported in one line, not ORT's log
         opts.inter_op_num_threads = 1
         # Deliberate: one intra-op thread per core; the recurrent step is small, so more threads than
         # cores only adds synchronisation.
@@ -125,8 +146,22 @@ class LanguageModel:
         # only the token ids go in and the log-probabilities come out.
         self.bind_state = "CUDAExecutionProvider" in self.providers
         self.session("score")  # refuse a broken bundle at load time, whichever graph it is;
+        self.device_note = self._check_device(device)
         if eager:  # the step graph is checked when first used unless asked for now
             self.session("step")
+
+    def _check_device(self, device: str) -> str | None:
+        """Refuse ``cuda`` when onnxruntime fell back to the CPU (say, CUDA libraries missing); for
+        ``auto`` on a machine with a GPU, the one line that says why it runs on the CPU."""
+        on_gpu = self.device == "cuda"
+        if CUDA in self.providers and not on_gpu:
+            if device == "cuda":
+                raise RnnlmError("--device cuda: onnxruntime could not start its CUDA provider (are the CUDA and "
+                                 "cuDNN libraries installed?); use --device cpu or auto")
+            return "--device auto: onnxruntime could not start its CUDA provider; running on the CPU"
+        if device == "auto" and not on_gpu and gpu_present():  # a GPU it cannot use; without one, CPU is no fallback
+            return f"--device auto: {cuda_unavailable()}; running on the CPU"
+        return None
 
     @property
     def device(self) -> str:
@@ -262,22 +297,20 @@ class LanguageModel:
         """Score a token stream as one text (state carried), ``block`` tokens at a time, so memory
         stays bounded; ``on_block`` receives each block's tokens and log-probabilities."""
         state, prev = self.initial_state(1), self.eos_id
-        total = ScoreResult(0, 0, 0.0, 0.0, self.level, [] if per_token else None)
+        total = ScoreResult(0, 0, 0.0, 0.0, self.level)
+        per_token_parts: list[list[tuple[str, float, bool]]] = []
         buf: list[Token] = []
 
         def flush() -> None:
-            nonlocal state, prev
+            nonlocal state, prev, total
             ids = np.fromiter((t.id for t in buf), np.int64, len(buf))
             inputs = np.concatenate([[prev], ids[:-1]])
             picked, state = self._score_ids(inputs[:, None], ids[:, None], np.array([len(ids)]), state)
             lp = picked[:, 0].astype(np.float64)
-            part = self.result_of(buf, lp, per_token=total.per_token is not None)
-            total.tokens += part.tokens
-            total.oov += part.oov
-            total.nll += part.nll
-            total.nll_in_vocab += part.nll_in_vocab
-            if total.per_token is not None and part.per_token is not None:
-                total.per_token.extend(part.per_token)
+            part = self.result_of(buf, lp, per_token=per_token)
+            total = total.plus(part)
+            if part.per_token is not None:
+                per_token_parts.append(part.per_token)
             if on_block is not None:
                 on_block(buf, lp)
             prev = int(ids[-1])
@@ -291,6 +324,8 @@ class LanguageModel:
                 flush()
         if buf:
             flush()
+        if per_token:
+            total.per_token = [entry for part in per_token_parts for entry in part]
         return total
 
     def score(self, text: str, *, per_token: bool = False) -> ScoreResult:

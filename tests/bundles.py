@@ -48,7 +48,7 @@ class Built:
 
 
 def make_vocab() -> Any:
-    from rnnlm.data import Vocabulary
+    from rnnlm.vocab import Vocabulary
 
     return Vocabulary(TOKENS)
 
@@ -65,7 +65,8 @@ def make_checkpoint(path: Path, cell: str, layer_norm: bool, *, num_layers: int 
     vocab = make_vocab()
     torch.manual_seed(seed)
     cfg = ModelConfig(cell=cell, vocab_size=len(vocab), emb_size=32, hidden_size=32, num_layers=num_layers,
-                      layer_norm=layer_norm, hyper_size=16, rhn_depth=2, tie_weights=tie_weights)
+                      layer_norm=layer_norm, hyper_size=16, rhn_depth=2, tie_weights=tie_weights,
+                      lowercase=True, numbers="N")  # the serve tests type text as people write it
     save_model_dir(path, LanguageModel(cfg), vocab)
     return path
 

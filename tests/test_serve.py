@@ -25,6 +25,8 @@ from typer.testing import CliRunner
 import rnnlm.text as text_mod
 from rnnlm.cli import app
 from rnnlm.errors import RnnlmError
+from rnnlm.text import TextSpec
+from rnnlm.vocab import Vocabulary
 
 EOS = "<eos>"
 
@@ -156,10 +158,9 @@ def test_score_lines_equals_each_line_alone(lm: LanguageModel, batch_size: int) 
     results = lm.score_lines(lines, batch_size=batch_size, per_token=True)
     assert len(results) == len(lines)
     for line, r in zip(lines, results, strict=True):
+        alone = lm.score(line + "\n", per_token=True)  # a blank line is an empty sentence: <eos> alone
         if not line.strip():
-            assert (r.tokens, r.oov, r.nll) == (0, 0, 0.0)
-            continue
-        alone = lm.score(line, per_token=True)
+            assert r.tokens == 1 and r.per_token is not None and r.per_token[0][0] == EOS
         assert (r.tokens, r.oov) == (alone.tokens, alone.oov)
         assert r.nll == pytest.approx(alone.nll, abs=1e-4), line
         assert r.nll_in_vocab == pytest.approx(alone.nll_in_vocab, abs=1e-4), line
@@ -331,7 +332,8 @@ def test_cli_score_json_matches_the_api(lm: LanguageModel, lstm_bundle: Path, tm
     last = json.loads(out.strip().splitlines()[-1])
     assert {"tokens", "oov", "nll", "ppl"} <= set(last)
     api = lm.score(f.read_text(encoding="utf-8"))
-    assert (last["tokens"], last["oov"]) == (api.tokens, api.oov) == (sum(len(x.split()) + 1 for x in LINES), 2)
+    # Every line ends in <eos>, the blank one too (an empty sentence).
+    assert (last["tokens"], last["oov"]) == (api.tokens, api.oov) == (sum(len(x.split()) + 1 for x in LINES) + 1, 2)
     assert last["nll"] == pytest.approx(api.nll, abs=1e-4) and last["ppl"] == pytest.approx(api.ppl, rel=1e-5)
     assert "2 of" in err and "out of the model's vocabulary" in err
 
@@ -341,7 +343,7 @@ def test_cli_score_json_matches_the_api(lm: LanguageModel, lstm_bundle: Path, tm
     file_lines = f.read_text(encoding="utf-8").splitlines()
     expected = lm.score_lines(file_lines)
     per_line = [r for r in rows if "line" in r]
-    assert [r["line"] for r in per_line] == [i + 1 for i, x in enumerate(file_lines) if x.strip()]
+    assert [r["line"] for r in per_line] == [i + 1 for i in range(len(file_lines))]  # the blank line too
     for r in per_line:
         e = expected[r["line"] - 1]
         assert (r["tokens"], r["oov"]) == (e.tokens, e.oov)
@@ -430,9 +432,12 @@ def test_cli_generate_is_repeatable_and_accepts_unknown_prompts(lstm_bundle: Pat
 # ------------------------------------------------------------------------------ 11. normalization
 
 
+PTB_STYLE = TextSpec(lowercase=True, numbers="N")
+
+
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
-    return Tokenizer(TOKENS, level="word")
+    return Tokenizer(PTB_STYLE, Vocabulary(TOKENS))
 
 
 def texts(tokens: list) -> list[str]:
@@ -446,8 +451,9 @@ def test_word_normalization_follows_ptb(tok: Tokenizer) -> None:
     assert [t.oov for t in numbers] == [False] * 6 + [True, False, False]
     assert numbers[6].id == TOKENS.index("<unk>") and numbers[0].id == TOKENS.index("N")
     assert texts(tok.line_tokens("Zebra-1 a.b")) == ["zebra-1", "a.b", EOS]  # letters: not numbers
-    assert texts(tok.text_tokens("the market\n\n   \n\tRose \r\nfell")) == ["the", "market", EOS, "rose", EOS, "fell", EOS]
-    raw = Tokenizer(TOKENS, level="word", raw=True)
+    assert texts(tok.text_tokens("the market\n\n   \n\tRose \r\nfell")) == ["the", "market", EOS, EOS, EOS, "rose", EOS,
+                                                                         "fell", EOS]
+    raw = Tokenizer(PTB_STYLE.raw(), Vocabulary(TOKENS))
     assert [(t.text, t.oov) for t in raw.line_tokens("The 1,000", eos=False)] == [("The", True), ("1,000", True)]
 
 
@@ -473,7 +479,7 @@ def test_stream_in_tiny_blocks_equals_text_tokens(tok: Tokenizer, block: int, mo
     streamed = list(tok.stream(io.BytesIO(data), "test"))
     assert streamed == tok.text_tokens(STREAM_TEXT)
     assert texts(streamed)[:7] == ["the", "stock", "market", "fell", "N", "points", EOS]
-    assert sum(t.text == EOS for t in streamed) == 5
+    assert sum(t.text == EOS for t in streamed) == 7  # blank lines are sentences too
 
 
 def test_stream_and_text_tokens_agree_on_what_a_line_is(tok: Tokenizer) -> None:
