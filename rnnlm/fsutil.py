@@ -7,6 +7,7 @@ half-written file under the final name.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import shutil
@@ -14,6 +15,26 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
+
+
+@functools.cache
+def _umask() -> int:
+    """The process's umask, read once (os.umask can only be read by setting it, which would race
+    with other threads; Linux shows it in /proc)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _as_if_created(path: str | os.PathLike[str], directory: bool = False) -> None:
+    """mkstemp and mkdtemp create 0600 files and 0700 folders; give ours the mode open() and mkdir()
+    would, so that another user (a Triton or server process) can read a shared bundle when the
+    umask lets it."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
 def _fsync_dir(path: Path) -> None:
@@ -32,6 +53,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        _as_if_created(tmp)
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
             f.flush()
@@ -61,6 +83,7 @@ def atomic_write_with(path: str | os.PathLike[str], writer: Callable[[str], None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        _as_if_created(tmp)
         writer(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -82,6 +105,7 @@ def staging_dir(parent: Path, name: str) -> Iterator[Path]:
     created = [p for p in (parent, *parent.parents) if not p.exists()]  # deepest first
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent))
+    _as_if_created(tmp, directory=True)
     try:
         yield tmp
     except BaseException:
