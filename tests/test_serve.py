@@ -406,8 +406,9 @@ def test_cli_score_names_the_offset_of_invalid_utf8(lstm_bundle: Path, tmp_path:
     ("--max-tokens", "0", ["max-tokens"]), ("--max-tokens", "10001", ["max-tokens", "10,000"]),
 ])
 def test_cli_generate_refuses_bad_settings(lstm_bundle: Path, option: str, value: str, words: list[str]) -> None:
-    code, _, err = cli("generate", "--model", str(lstm_bundle), "--prompt", "the stock", option, value)
+    code, out, err = cli("generate", "--model", str(lstm_bundle), "--prompt", "the stock", option, value)
     assert_one_error_line(code, err, *words)
+    assert out == ""  # nothing printed before the settings are checked, not even the prompt
 
 
 def test_cli_generate_is_repeatable_and_accepts_unknown_prompts(lstm_bundle: Path) -> None:

@@ -40,7 +40,7 @@ REL = 1e-6  # batched scoring may round float32 sums differently from scoring al
 # One text as a stream: capitals, a number (-> N), two unknown words, a blank line, a line longer than two chunks.
 TEXT = ("the stock market fell\nShares of the company rose 3.5 percent\n\n"
         "the zebra market rose 1,000 points\n" + " ".join(WORDS[: 2 * CHUNK + 3]))
-TEXT_TOKENS = (4 + 1) + (7 + 1) + (6 + 1) + (2 * CHUNK + 3 + 1)  # words + one <eos> per non-blank line
+TEXT_TOKENS = (4 + 1) + (7 + 1) + 1 + (6 + 1) + (2 * CHUNK + 3 + 1)  # words + one <eos> per line, the blank one too
 TEXT_OOV = 2  # zebra, points
 
 LINES = ["the stock market fell", "", "Shares of the zebra rose 3.5 percent", "   ", "traders", " ".join(WORDS[:CHUNK + 2])]
