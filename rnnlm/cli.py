@@ -260,6 +260,13 @@ def score(
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
+    fmt: Annotated[str, typer.Option("--format", help="text (rnnlm's, in nats), or srilm / kenlm: every line a sentence, "
+                                     "in the layout of SRILM's `ngram -ppl` or KenLM's `query` (log10).")] = "text",
+    debug: Annotated[int, typer.Option(help="With --format srilm: 1 adds per-sentence, 2 per-word lines (SRILM's -debug).")] = 0,
+    no_bos: Annotated[bool, typer.Option("--no-bos", help="With --format srilm/kenlm: each line continues the previous "
+                                         "one's context instead of starting from the <eos> state.")] = False,
+    no_eos: Annotated[bool, typer.Option("--no-eos", help="With --format srilm/kenlm: do not predict </s> (<eos>) "
+                                         "at the end of a line.")] = False,
 ) -> None:
     """Perplexity of a text: tokens, OOV count, total NLL in nats, ppl (and bpc for characters).
 
@@ -268,11 +275,14 @@ def score(
       rnnlm score ../shared/data/ptb/ptb.test.txt --json
 
       echo "the stock market fell" | rnnlm score - --per-token
+
+      rnnlm score sentences.txt --format srilm --debug 2    (log10, SRILM's `ngram -ppl` layout)
     """
     from rnnlm.serve.cli_impl import score_command
 
     run(lambda: score_command(file, model=model, per_line=per_line, per_token=per_token, raw=raw, batch_size=batch_size,
-                              device=device, threads=threads, as_json=as_json))
+                              device=device, threads=threads, as_json=as_json, fmt=fmt, debug=debug, bos=not no_bos,
+                              eos=not no_eos))
 
 
 @app.command()
