@@ -23,7 +23,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, BinaryIO
 
 import numpy as np
 from rnnlm.serve.runtime import LanguageModel
@@ -200,7 +200,7 @@ class KenlmPrinter:
 # ------------------------------------------------------------------------------ the command
 
 
-def ngram_score(lm: LanguageModel, source: IO[bytes], name: str, out: IO[str], *, fmt_name: str, debug: int,
+def ngram_score(lm: LanguageModel, source: BinaryIO, name: str, out: IO[str], *, fmt_name: str, debug: int,
                 bos: bool, eos: bool, batch_size: int) -> None:
     """Score every non-blank line of ``source`` and print it as SRILM or KenLM would."""
     printer: SrilmPrinter | KenlmPrinter = (SrilmPrinter(out, name, debug=debug, bos=bos) if fmt_name == "srilm"
@@ -234,7 +234,7 @@ def check_options(fmt_name: str, *, debug: int, bos: bool, eos: bool, per_line: 
             raise TextError(f"--format {fmt_name} prints its own layout (every line is a sentence); drop {flag}")
 
 
-def ngram_score_command(lm: LanguageModel, source: IO[bytes], name: str, *, fmt_name: str, debug: int, bos: bool,
+def ngram_score_command(lm: LanguageModel, source: BinaryIO, name: str, *, fmt_name: str, debug: int, bos: bool,
                         eos: bool, batch_size: int) -> None:
     """Print to standard output once everything is scored: an error midway prints nothing."""
     import shutil
