@@ -69,7 +69,13 @@ def numbered_lines(path: str) -> tuple[Lines, str]:
 
     def gen() -> Lines:
         with source:
-            yield from enumerate(lines_of(source, name), 1)
+            held: tuple[int, str] | None = None  # one line late: the "" after a final newline is no line
+            for numbered in enumerate(lines_of(source, name), 1):
+                if held is not None:
+                    yield held
+                held = numbered
+            if held is not None and held[1]:
+                yield held
 
     return gen(), name
 
