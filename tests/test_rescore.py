@@ -12,13 +12,13 @@ from pathlib import Path
 import jiwer
 import numpy as np
 import pytest
-from typer.testing import CliRunner
-
-from rnnlm.cli import app
 from rnnlm.serve import LanguageModel
 from rnnlm.serve.nbest import Hypothesis
 from rnnlm.serve.rescore import Rescorer, Weights
 from rnnlm.serve.tuning import word_errors
+from typer.testing import CliRunner
+
+from rnnlm.cli import app
 
 LN10 = math.log(10)
 # Two utterances of three and two hypotheses, lower-case words of the test vocabulary (and one OOV).
@@ -118,7 +118,7 @@ def test_srilm_scores_become_costs_in_nats(lstm_bundle: Path, tmp_path: Path) ->
     rows = rescore_json(lstm_bundle, *write_srilm_list(tmp_path))
     assert [u["utt"] for u in rows] == ["utt1", "utt2"]
     first = rows[0]["hypotheses"][0]["scores"]
-    assert first["am"] == -(-10.5) * LN10 and first["lm"] == -(-3.25) * LN10
+    assert first["am"] == 10.5 * LN10 and first["lm"] == 3.25 * LN10  # −(log10 score)·ln 10
 
 
 def test_costs_file_is_kaldi_key_cost(lstm_bundle: Path, tmp_path: Path) -> None:
