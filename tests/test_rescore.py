@@ -361,3 +361,36 @@ def test_memory_stays_bounded_as_the_file_grows(lstm_bundle: Path, tmp_path: Pat
 
     small, large = peak_for(1500), peak_for(6000)
     assert large < 1.5 * small, (small, large)
+
+
+# ------------------------------------------------------------------------------ torch-free, help
+
+
+def test_rescore_and_the_ngram_formats_never_import_torch(lstm_bundle: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    nbest = write_kaldi(tmp_path)[0]
+    text = tmp_path / "s.txt"
+    text.write_text("the stock market fell\n", encoding="utf-8")
+    code = (
+        "import sys\n"
+        "from rnnlm.cli import app\n"
+        "for args in (['rescore', sys.argv[2]], ['score', sys.argv[3], '--format', 'kenlm']):\n"
+        "    try:\n"
+        "        app(args + ['--model', sys.argv[1], '--threads', '1'])\n"
+        "    except SystemExit as e:\n"
+        "        assert not e.code, e.code\n"
+        "import rnnlm.serve.kenlm_compat as kenlm\n"
+        "assert kenlm.Model(sys.argv[1], threads=1).score('the stock') < 0\n"
+        "print('TORCH-LOADED' if 'torch' in sys.modules else 'TORCH-FREE')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(lstm_bundle), nbest, str(text)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[-1] == "TORCH-FREE", proc.stdout
+
+
+def test_rescore_help_has_examples() -> None:
+    code, out, _ = cli("rescore", "--help")
+    assert code == 0 and "Examples" in out and "--carry-over" in out
