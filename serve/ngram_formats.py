@@ -23,6 +23,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import IO, BinaryIO
 
 import numpy as np
@@ -40,6 +41,17 @@ class Sentence:
     tokens: list[Token]  # what was scored: the words, then <eos> when eos
     logprobs: np.ndarray  # float64 natural-log probability of each token
     eos: bool
+
+    def surface(self, i: int) -> str:
+        """Token ``i`` as the input wrote it (before lower-casing and numbers to N), ``</s>`` for the end."""
+        if self.eos and i == len(self.tokens) - 1:
+            return "</s>"
+        written = self._written
+        return written[i] if len(written) == self.words else self.tokens[i].text  # char level: the token
+
+    @cached_property
+    def _written(self) -> list[str]:
+        return self.text.split()
 
     @property
     def words(self) -> int:
@@ -140,8 +152,8 @@ class SrilmPrinter:
     def word_lines(self, s: Sentence) -> str:
         out = []
         for i, (t, lp) in enumerate(zip(s.tokens, s.logprobs, strict=True)):
-            word = "</s>" if s.eos and i == len(s.tokens) - 1 else t.text
-            context = ("<s> " if self.bos else "... ") if i == 0 else f"{s.tokens[i - 1].text} ..."
+            word = s.surface(i)
+            context = ("<s> " if self.bos else "... ") if i == 0 else f"{s.surface(i - 1)} ..."
             detail = "[OOV] 0 [ -inf ]" if t.oov else f"[rnn] {fmt(math.exp(lp))} [ {fmt(log10_of(float(lp)))} ]"
             out.append(f"\tp( {word} | {context}) \t= {detail}\n")
         return "".join(out)
@@ -180,7 +192,7 @@ class KenlmPrinter:
     def sentence(self, s: Sentence) -> None:
         parts = []
         for i, (t, lp) in enumerate(zip(s.tokens, s.logprobs, strict=True)):
-            word = "</s>" if s.eos and i == len(s.tokens) - 1 else t.text
+            word = s.surface(i)
             parts.append(f"{word}={0 if t.oov else t.id + 1} {i + 1 + int(self.bos)} {fmt(log10_of(float(lp)))}\t")
         nats = s.nats(in_vocab=False)
         self.out.write("".join(parts) + f"Total: {fmt(log10_of(nats))} OOV: {s.oov}\n")

@@ -207,3 +207,15 @@ def test_empty_or_invalid_files_print_nothing(content: bytes, lstm_bundle: Path,
         code, out, err = cli("score", str(f), "--model", str(lstm_bundle), "--format", fmt)
         assert code == 2 and out == "", (out, err)
         assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+
+
+def test_words_are_printed_as_written(lstm_bundle: Path, tmp_path: Path) -> None:
+    f = tmp_path / "caps.txt"
+    f.write_text("The Stock market FELL\n", encoding="utf-8")
+    code, out, err = cli("score", str(f), "--model", str(lstm_bundle), "--format", "kenlm")
+    assert code == 0, err
+    lines, _ = parse_kenlm(out)
+    assert [(w, wid) for w, wid, _, _ in lines[0][0]][:2] == [("The", 1), ("Stock", 2)]  # scored as "the", "stock"
+    code, out, err = cli("score", str(f), "--model", str(lstm_bundle), "--format", "srilm", "--debug", "2")
+    assert code == 0, err
+    assert "\tp( Stock | The ...) \t= [rnn]" in out and "The Stock market FELL\n" in out
