@@ -14,8 +14,9 @@ For each bundle it prints:
      hypothesis per call (``lm.score_lines([text])``), on the same hypotheses: the ratio
      (goal >= 5x the serial loop and >= 2,000 hypotheses/s);
   2. ``rnnlm rescore`` end to end (a Kaldi n-best file, process start to exit), hypotheses/s;
-  3. how often the original ranks first by the rnnlm cost alone, and, per kind of corruption,
-     how often the original beats a corrupted hypothesis of that kind.
+  3. how often the original ranks first by the rnnlm cost alone, per kind of corruption how often
+     the original beats a corrupted hypothesis of that kind, and how often it ranks first among
+     the hypotheses as long as itself (what a large word bonus leaves).
 """
 
 from __future__ import annotations
@@ -135,19 +136,21 @@ def bench_model(model: Path, sentences: list[list[str]], args: argparse.Namespac
     print(f"rnnlm cost alone: original ranked first in {acc['original first']:.1%} of {len(utts)} utterances; "
           f"it beats a substituted word in {acc['substitute']:.1%}, a swap in {acc['swap']:.1%}, "
           f"a dropped word in {acc['drop']:.1%} of pairs")
-    penalty, rate = best_word_penalty(scored, kinds)
-    print(f"with the best word penalty ({penalty:+g} per word, swept -12..0): original ranked first in {rate:.1%}")
+    print(f"among the hypotheses as long as the original (a word penalty of -inf: no dropped word can win): "
+          f"original ranked first in {same_length_first(scored, kinds):.1%}")
 
 
-def best_word_penalty(scored: list[ScoredUtterance], kinds: dict[str, str]) -> tuple[float, float]:
-    """The word penalty (a bonus when negative) under which the original ranks first most often:
-    a sentence LM prefers fewer words, and a dropped word is the one corruption that shortens."""
-    best = (0.0, -1.0)
-    for penalty in [x / 2 for x in range(-24, 1)]:
-        first = sum(kinds[min(u.hyps, key=lambda s: s.cost + penalty * len(s.hyp.words)).hyp.key] == "original"
-                    for u in scored)
-        best = max(best, (penalty, first / len(scored)), key=lambda b: b[1])
-    return best
+def same_length_first(scored: list[ScoredUtterance], kinds: dict[str, str]) -> float:
+    """How often the original has the lowest cost among the hypotheses with its number of words.
+
+    A sentence LM prefers fewer words, and a dropped word is the one corruption that shortens; a
+    word bonus large enough to rule the dropped ones out leaves the substitutions and swaps."""
+    first = 0
+    for u in scored:
+        original = next(s for s in u.hyps if kinds[s.hyp.key] == "original")
+        rivals = [s for s in u.hyps if len(s.hyp.words) == len(original.hyp.words)]
+        first += int(min(rivals, key=lambda s: s.cost) is original)
+    return first / len(scored)
 
 
 def main() -> None:
