@@ -290,6 +290,13 @@ def score(
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
+    fmt: Annotated[str, typer.Option("--format", help="text (rnnlm's, in nats), or srilm / kenlm: every line a sentence, "
+                                     "in the layout of SRILM's `ngram -ppl` or KenLM's `query` (log10).")] = "text",
+    debug: Annotated[int, typer.Option(help="With --format srilm: 1 adds per-sentence, 2 per-word lines (SRILM's -debug).")] = 0,
+    no_bos: Annotated[bool, typer.Option("--no-bos", help="With --format srilm/kenlm: each line continues the previous "
+                                         "one's context instead of starting from the <eos> state.")] = False,
+    no_eos: Annotated[bool, typer.Option("--no-eos", help="With --format srilm/kenlm: do not predict </s> (<eos>) "
+                                         "at the end of a line.")] = False,
 ) -> None:
     """Perplexity of a text: tokens, OOV count, total NLL in nats, ppl (and bpc for characters).
 
@@ -298,11 +305,14 @@ def score(
       rnnlm score ../shared/data/ptb/ptb.test.txt --json
 
       echo "the stock market fell" | rnnlm score - --per-token
+
+      rnnlm score sentences.txt --format srilm --debug 2    (log10, SRILM's `ngram -ppl` layout)
     """
     from rnnlm.serve.cli_impl import score_command
 
     run(lambda: score_command(file, model=model, per_line=per_line, per_token=per_token, raw=raw, batch_size=batch_size,
-                              device=device, threads=threads, as_json=as_json))
+                              device=device, threads=threads, as_json=as_json, fmt=fmt, debug=debug, bos=not no_bos,
+                              eos=not no_eos))
 
 
 @app.command()
@@ -331,6 +341,55 @@ def generate(
                                  top_p=top_p, seed=seed, num_samples=num_samples, stop=not no_stop, raw=raw,
                                  device=device, threads=threads, as_json=as_json))
 
+
+@app.command()
+def rescore(
+    nbest: Annotated[str, typer.Argument(help="N-best list (or - for standard input); for srilm, one list or a file listing them.")],
+    model: ModelOpt = None,
+    fmt: Annotated[str | None, typer.Option("--format", help="kaldi, srilm, nemo or lines (default: detected from the first line).")] = None,
+    scores: Annotated[list[str] | None, typer.Option("--scores", help="NAME=FILE: a Kaldi score file ('key cost'), matched by key (repeatable).")] = None,
+    weight: Annotated[list[str] | None, typer.Option("--weight", help="NAME=W: the weight of a score in the total (default 1; repeatable).")] = None,
+    lm_weight: Annotated[float, typer.Option(help="Weight of the LM cost (the rnnlm cost, or the interpolated one).")] = 1.0,
+    word_penalty: Annotated[float, typer.Option(help="Added to the total per word (positive favours shorter hypotheses).")] = 0.0,
+    interpolate: Annotated[float | None, typer.Option(help="λ: LM cost = λ·rnnlm + (1−λ)·n-gram (the --ngram-score score).")] = None,
+    ngram_score: Annotated[str, typer.Option(help="The score that --interpolate mixes with (srilm lists call theirs lm).")] = "lm",
+    beam_size: Annotated[int | None, typer.Option(help="Rows per utterance of a NeMo TSV.")] = None,
+    group: Annotated[str | None, typer.Option(help="For --format lines: a file with the utterance id of each line.")] = None,
+    carry_over: Annotated[str, typer.Option(help="never, always, or speaker: start an utterance from the state the "
+                                            "previous (same-speaker) utterance's best hypothesis ended in.")] = "never",
+    utt2spk: Annotated[str | None, typer.Option(help="Kaldi utt2spk file, for --carry-over speaker.")] = None,
+    ref: Annotated[str | None, typer.Option(help="Reference transcripts ('uttid text'): grid-search the weights for the lowest WER.")] = None,
+    grid_lm_weight: Annotated[str, typer.Option(help="--ref grid of lm-weight: START:STOP:STEP or a,b,c.")] = "0:2:0.1",
+    grid_word_penalty: Annotated[str, typer.Option(help="--ref grid of word-penalty.")] = "-2:2:0.5",
+    grid_interpolate: Annotated[str, typer.Option(help="--ref grid of λ (with --interpolate).")] = "0:1:0.1",
+    costs: Annotated[str | None, typer.Option(help="Write the rnnlm cost of every hypothesis here ('key cost', −ln P).")] = None,
+    totals: Annotated[str | None, typer.Option(help="Write the combined score of every hypothesis here ('key total').")] = None,
+    best: Annotated[str | None, typer.Option(help="Write the best hypotheses here too ('uttid text').")] = None,
+    batch_size: Annotated[int, typer.Option(help="Hypotheses per onnxruntime call.")] = 128,
+    raw: Annotated[bool, typer.Option(help="Take tokens as they are: no lower-casing, no numbers to N.")] = False,
+    device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Rescore n-best lists (Kaldi, SRILM, NeMo, plain lines) and print the best hypothesis per utterance.
+
+    Every score is a cost in nats (−ln P). total = Σ w_i·score_i + lm-weight·lm + word-penalty·words;
+    the lowest total wins. Output: 'uttid text' per utterance (--json: every hypothesis and score).
+    Examples:
+
+      rnnlm rescore nbest.txt --scores am=am.scores --scores lm=lm.scores --interpolate 0.5 --costs rnn.scores > text
+
+      rnnlm rescore beams.tsv --format nemo --beam-size 8 --lm-weight 0.5 --ref ref.txt
+    """
+    from rnnlm.serve.cli_impl import load
+    from rnnlm.serve.rescore_cli import RescoreOptions, rescore_command
+
+    options = RescoreOptions(
+        nbest=nbest, fmt=fmt, scores=scores or [], weights=weight or [], lm_weight=lm_weight, word_penalty=word_penalty,
+        interpolate=interpolate, ngram_score=ngram_score, beam_size=beam_size, group=group, carry_over=carry_over,
+        utt2spk=utt2spk, ref=ref, grid_lm_weight=grid_lm_weight, grid_word_penalty=grid_word_penalty,
+        grid_interpolate=grid_interpolate, costs=costs, totals=totals, best=best, as_json=as_json, batch_size=batch_size)
+    run(lambda: rescore_command(options, lambda: load(model, device=device, threads=threads, raw=raw)))
 
 @app.command()
 def serve(

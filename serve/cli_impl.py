@@ -86,11 +86,19 @@ class WordCounter:
 
 
 def score_command(file: str, *, model: Path | None, per_line: bool, per_token: bool, raw: bool, batch_size: int,
-                  device: str, threads: int | None, as_json: bool) -> None:
+                  device: str, threads: int | None, as_json: bool, fmt: str = "text", debug: int = 0,
+                  bos: bool = True, eos: bool = True) -> None:
+    from rnnlm.serve.ngram_formats import check_options, ngram_score_command
+
     if batch_size < 1:
         raise TextError(f"--batch-size must be >= 1, got {batch_size}")
+    check_options(fmt, debug=debug, bos=bos, eos=eos, per_line=per_line, per_token=per_token, as_json=as_json)
     source, name = open_input(file)  # refuse a missing file before loading the model
     lm = load(model, device=device, threads=threads, raw=raw)
+    if fmt != "text":  # SRILM's or KenLM's layout
+        with source:
+            ngram_score_command(lm, source, name, fmt_name=fmt, debug=debug, bos=bos, eos=eos, batch_size=batch_size)
+        return
     out = sys.stdout
     with source:
         if per_line:

@@ -394,6 +394,60 @@ class LanguageModel:
                 progress(len(idx))
         return out
 
+    def sequence_logprobs_from(self, sequences: Sequence[Sequence[int]], start: State | None = None,
+                               rows: Sequence[int] | np.ndarray | None = None, *, batch_size: int = 64,
+                               final_states: bool = False, progress: Callable[[int], None] | None = None,
+                               cancelled: Callable[[], bool] | None = None) -> tuple[list[np.ndarray], State | None]:
+        """``sequence_logprobs`` from given states, and optionally the state each sequence ends in.
+
+        Sequence i starts from row ``rows[i]`` of ``start`` (row 0 when ``rows`` is None; the fresh
+        state when ``start`` is None) and, as in ``sequence_logprobs``, reads ``<eos>`` first. With
+        ``final_states``, also returns one state row per sequence: the state after reading all of it
+        but its last token (which is predicted, not read). For a sequence that ends in ``<eos>``, that
+        is exactly where the next sentence starts, so context carries across sentences:
+
+            lp, st = lm.sequence_logprobs_from([prev + [eos]], final_states=True)
+            lp2, _ = lm.sequence_logprobs_from([cur + [eos]], st)   # == scoring "prev <eos> cur <eos>"
+
+        Sequences are sorted by length and batched ``batch_size`` columns per call, as in
+        ``sequence_logprobs``."""
+        if batch_size < 1:
+            raise RnnlmError(f"batch size must be >= 1, got {batch_size}")
+        n = len(sequences)
+        base = start if start is not None else self.initial_state(1)
+        row_of = np.zeros(n, np.int64) if rows is None else np.asarray(rows, np.int64)
+        if len(row_of) != n or (n and (row_of.min() < 0 or row_of.max() >= base.batch)):
+            raise RnnlmError(f"rows must give one row of the start state (batch {base.batch}) per sequence")
+        out: list[np.ndarray] = [np.zeros(0, np.float32)] * n
+        finals = {s["input"]: np.zeros((n, s["size"]), np.float32) for s in self.states} if final_states else None
+        order = sorted(range(n), key=lambda i: len(sequences[i]))
+        for begin in range(0, n, batch_size):
+            idx = order[begin : begin + batch_size]
+            inputs, targets, lengths = self._padded(sequences, idx)
+            first = State({k: v[row_of[idx]] for k, v in base.arrays.items()})
+            picked, state = self._score_ids(inputs, targets, lengths, first, cancelled=cancelled)
+            for b, i in enumerate(idx):
+                out[i] = picked[: lengths[b], b].copy()
+            if finals is not None:
+                for k, v in state.arrays.items():
+                    finals[k][idx] = v
+            if progress:
+                progress(len(idx))
+        return out, (State(finals) if finals is not None else None)
+
+    def _padded(self, sequences: Sequence[Sequence[int]], idx: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(L, B) inputs (``<eos>`` then each sequence but its last id), targets and lengths of the
+        sequences ``idx``: column b is sequence ``idx[b]``."""
+        lengths = np.array([len(sequences[i]) for i in idx], np.int64)
+        L = max(int(lengths.max()), 1)
+        inputs = np.full((L, len(idx)), self.eos_id, np.int64)
+        targets = np.zeros((L, len(idx)), np.int64)
+        for b, i in enumerate(idx):
+            ids = sequences[i]
+            targets[: len(ids), b] = ids
+            inputs[1 : len(ids), b] = ids[:-1]
+        return inputs, targets, lengths
+
     # ------------------------------------------------------------------ generation
     def generate_ids(self, prompt: str, *, max_new_tokens: int = 50, temperature: float = 1.0, top_k: int | None = None,
                      top_p: float | None = None, seed: int | None = None, num_samples: int = 1,
