@@ -110,7 +110,7 @@ class Model:
         return 10.0 ** (-self.score(sentence) / words)
 
     def __contains__(self, word: str) -> bool:
-        return not self.lm.tokenizer.token(self.lm.tokenizer.normalize(word)).oov
+        return not self.lm.tokenizer.token(self.lm.tokenizer.spec.normalize(word)).oov
 
     # ------------------------------------------------------------------ the state API
     def BeginSentenceWrite(self, state: State) -> None:  # noqa: N802 - KenLM's name
