@@ -232,12 +232,12 @@ def create_app(model: str | Path | LanguageModel | None, settings: ServerSetting
             raise RnnlmError(f"n * max_tokens = {asked:,} tokens; this server's limit is {settings.max_generate_tokens:,} "
                              "per request (rnnlm serve --max-generate-tokens)")
         if body.stream:
-            admission = scheduler.admit()
+            admission = scheduler.admit("generate")
             admission.__enter__()  # 429 now, as a status, not inside a started stream
             deadline = request.scope.get(DEADLINE, time.monotonic() + settings.timeout)
             return _Stream(_events(lm, scheduler, body, kwargs, metrics, deadline, settings.timeout), admission.__exit__,
                            deadline)
-        with scheduler.admit():
+        with scheduler.admit("generate"):
             columns = await timed(request, _collect(scheduler.generate(body.prompt, **kwargs)))
         samples = lm.sample_ids(columns, body.n, stop_at_eos=body.stop)
         generated = sum(len(s) for s in samples)
