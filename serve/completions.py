@@ -23,13 +23,15 @@ from typing import Any
 import numpy as np
 from rnnlm.serve.runtime import LanguageModel
 
-from rnnlm.text import Token
-
 
 @dataclass(frozen=True)
 class Prompt:
+    """A prompt's tokens as plain strings and ints: a 1 MiB prompt is 200,000 tokens, and as many
+    Token objects alive at once make the garbage collector stop every thread for ~100 ms."""
+
     text: str  # as the client wrote it, or the token ids' text
-    tokens: list[Token]
+    tokens: list[str]  # each token as scored
+    ids: list[int]
     offsets: list[int]  # of each token in ``text``
 
 
@@ -80,33 +82,36 @@ def ids_prompt(lm: LanguageModel, ids: Sequence[int]) -> Prompt:
         p = piece(lm, tok, text)
         offsets.append(len(text) + (1 if len(p) > 1 and p.startswith(" ") else 0))  # after its space
         text += p
-        tokens.append(Token(tok, int(tid), False))
-    return Prompt(text, tokens, offsets)
+        tokens.append(tok)
+    return Prompt(text, tokens, [int(t) for t in ids], offsets)
 
 
 def text_prompt(lm: LanguageModel, text: str) -> Prompt:
-    """A prompt given as text: ``lm.prompt_tokens``, with where each token stands in the text."""
-    tokens = lm.prompt_tokens(text)
-    offsets = _offsets(lm, text)
-    if len(offsets) != len(tokens):  # a tokenizer rule this scan does not know: offsets of the tokens' own text
-        return Prompt(text, tokens, ids_prompt(lm, [t.id for t in tokens]).offsets)
-    return Prompt(text, tokens, offsets)
-
-
-def _offsets(lm: LanguageModel, text: str) -> list[int]:
-    """Character offsets of the tokens ``prompt_tokens(text)`` makes: each word (or character)
-    where it starts, each line's <eos> at its newline."""
-    out: list[int] = []
+    """A prompt given as text: ``lm.prompt_tokens``, a line at a time (each line's Token objects
+    die at once), with where each token stands in the text: a word (or character) where it
+    starts, a line's <eos> at its newline."""
+    tokens: list[str] = []
+    ids: list[int] = []
+    offsets: list[int] = []
+    known = True  # False if the tokenizer made tokens this scan cannot place
     at = 0
     lines = text.split("\n")
     for i, line in enumerate(lines):
         complete = i < len(lines) - 1
-        starts = _line_offsets(lm, line.rstrip("\r"))
-        out.extend(at + s for s in starts)
-        if complete and len(lm.tokenizer.text_tokens(line)) > len(starts):  # this line's <eos>
-            out.append(at + len(line))
+        toks = lm.prompt_tokens(line + "\n" if complete else line)
+        tokens.extend(t.text for t in toks)
+        ids.extend(t.id for t in toks)
+        starts = [at + s for s in _line_offsets(lm, line.rstrip("\r"))]
+        if len(toks) == len(starts) + complete:
+            offsets.extend(starts + [at + len(line)] * complete)
+        elif len(toks) == len(starts):
+            offsets.extend(starts)
+        else:
+            known = False
         at += len(line) + 1
-    return out
+    if not known:  # a tokenizer rule this scan does not know: offsets of the tokens' own text
+        offsets = ids_prompt(lm, ids).offsets
+    return Prompt(text, tokens, ids, offsets)
 
 
 def _line_offsets(lm: LanguageModel, line: str) -> list[int]:
@@ -134,6 +139,20 @@ def top_map(lm: LanguageModel, row: np.ndarray, k: int, chosen: int, chosen_lp: 
 
 
 # ---------------------------------------------------------------------------- one choice
+@dataclass(frozen=True)
+class _Held:
+    text: str  # what the token adds to the text (its space included)
+    token: str
+    logprob: float
+    top: dict[str, float] | None
+    start: int  # where ``text`` starts in the generated text
+
+    @property
+    def offset(self) -> int:
+        """Where the token itself starts (after its space)."""
+        return self.start + (1 if len(self.text) > 1 and self.text.startswith(" ") else 0)
+
+
 @dataclass
 class Choice:
     """The text of one choice as it grows, held back while a stop string could still begin in it."""
@@ -143,13 +162,13 @@ class Choice:
     stop: tuple[str, ...]
     with_logprobs: bool
     generated: str = ""
-    pending: list[tuple[str, str, float, dict[str, float] | None, int]] = field(default_factory=list)
+    pending: list[_Held] = field(default_factory=list)
     finished: str | None = None
     count: int = 0  # generated tokens kept
     echo_offset: int = 0  # where the generated text starts in the choice's text
 
     def add(self, text: str, token: str, logprob: float, top: dict[str, float] | None) -> None:
-        self.pending.append((text, token, logprob, top, len(self.generated)))
+        self.pending.append(_Held(text, token, logprob, top, len(self.generated)))
         self.generated += text
         self.count += 1
 
@@ -158,26 +177,38 @@ class Choice:
         cut = self._stop_at()
         if cut is not None:
             self.finished = "stop"
-            keep = [p for p in self.pending if p[4] < cut]
+            keep = [p for p in self.pending if p.start < cut]
             self.count -= len(self.pending) - len(keep)
             self.generated = self.generated[:cut]
             return self._delta(keep, end=cut)
         safe = len(self.generated) if final else len(self.generated) - self._held()
-        keep = [p for p in self.pending if p[4] + len(p[0]) <= safe]
-        return self._delta(keep, end=keep[-1][4] + len(keep[-1][0]) if keep else None)
+        keep = [p for p in self.pending if p.start + len(p.text) <= safe]
+        return self._delta(keep, end=keep[-1].start + len(keep[-1].text) if keep else None)
 
-    def _delta(self, keep: list[tuple[str, str, float, dict[str, float] | None, int]], end: int | None) -> Delta | None:
+    def finish(self, reason: str) -> Delta:
+        """The last delta: every token still held, and the end (``reason``, unless a stop string came first)."""
+        delta = self.flush(final=True)
+        if self.finished is None:
+            self.finished = reason
+            if delta is None:
+                delta = self._delta([], end=None)
+                assert delta is not None
+            delta.finish_reason = reason
+        assert delta is not None
+        return delta
+
+    def _delta(self, keep: list[_Held], end: int | None) -> Delta | None:
         if not keep and self.finished is None:
             return None
-        start = keep[0][4] if keep else end or 0
+        start = keep[0].start if keep else end or 0
         text = self.generated[start:end] if keep else ""
         del self.pending[: len(keep)]
         if self.finished is not None:
             self.pending.clear()
         lp: dict[str, list[Any]] | None = None
         if self.with_logprobs:
-            lp = {"tokens": [p[1] for p in keep], "token_logprobs": [p[2] for p in keep],
-                  "top_logprobs": [p[3] for p in keep], "text_offset": [self.echo_offset + p[4] for p in keep]}
+            lp = {"tokens": [p.token for p in keep], "token_logprobs": [p.logprob for p in keep],
+                  "top_logprobs": [p.top for p in keep], "text_offset": [self.echo_offset + p.offset for p in keep]}
         return Delta(self.index, text, lp, self.finished)
 
     def _stop_at(self) -> int | None:
@@ -198,8 +229,7 @@ def run(lm: LanguageModel, prompts: Sequence[Prompt], args: Sampling,
     for p_index, prompt in enumerate(prompts):
         choices = [Choice(p_index * args.n + j, prompt.text, args.stop, args.logprobs is not None)
                    for j in range(args.n)]
-        ids = [t.id for t in prompt.tokens]
-        lp, ctx = lm.feed(lm.context(), ids, cancelled=cancelled)
+        lp, ctx = lm.feed(lm.context(), prompt.ids, cancelled=cancelled)
         if args.echo:
             yield from _echo(lm, prompt, lp, ctx, choices, args, cancelled)
         for c in choices:
@@ -208,14 +238,9 @@ def run(lm: LanguageModel, prompts: Sequence[Prompt], args: Sampling,
             yield from _sample(lm, ctx, choices, args, cancelled)
         for c in choices:
             if c.finished is None:  # else its last delta has gone out
-                delta = c.flush(final=True)
-                if c.finished is None:
-                    c.finished = "length"
-                    delta = Delta(c.index, delta.text if delta else "", delta.logprobs if delta else None, "length")
-                if delta is not None:
-                    yield delta
+                yield c.finish("length")
             completion += c.count
-    yield Usage(sum(len(p.tokens) for p in prompts), completion)
+    yield Usage(sum(len(p.ids) for p in prompts), completion)
 
 
 def _echo(lm: LanguageModel, prompt: Prompt, lp: np.ndarray, ctx: Any, choices: list[Choice], args: Sampling,
@@ -224,14 +249,14 @@ def _echo(lm: LanguageModel, prompt: Prompt, lp: np.ndarray, ctx: Any, choices: 
     log-probabilities of its tokens (from the scoring graph, as ``rnnlm score``)."""
     logprobs: dict[str, list[Any]] | None = None
     if args.logprobs is not None:
-        ids = [t.id for t in prompt.tokens]
+        ids = prompt.ids
         if args.logprobs > 0:  # alternatives need each position's whole distribution: the step graph
             rows = lm.position_logprobs(lm.context(), ids, cancelled=cancelled)
             tops: list[dict[str, float] | None] = [top_map(lm, row, args.logprobs, tid, float(v))
                                                    for row, tid, v in zip(rows, ids, lp, strict=True)]
         else:
             tops = [{lm.vocab[tid]: float(v)} for tid, v in zip(ids, lp, strict=True)]
-        logprobs = {"tokens": [t.text for t in prompt.tokens], "token_logprobs": [float(v) for v in lp],
+        logprobs = {"tokens": list(prompt.tokens), "token_logprobs": [float(v) for v in lp],
                     "top_logprobs": tops, "text_offset": list(prompt.offsets)}
     for c in choices:
         yield Delta(c.index, prompt.text, None if logprobs is None else {k: list(v) for k, v in logprobs.items()})
@@ -247,9 +272,7 @@ def _sample(lm: LanguageModel, ctx: Any, choices: list[Choice], args: Sampling,
                 if c.finished is not None:
                     continue
                 if tid == lm.eos_id:  # the end of the text, not part of it
-                    delta = c.flush(final=True)
-                    c.finished = c.finished or "stop"
-                    yield Delta(c.index, delta.text if delta else "", delta.logprobs if delta else None, c.finished)
+                    yield c.finish("stop")
                     continue
                 row = rows[c.index % args.n]
                 tok = lm.vocab[tid]

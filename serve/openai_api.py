@@ -25,8 +25,9 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import Field
+from pydantic import Field, ValidationError
 from rnnlm.serve import completions
 from rnnlm.serve.completions import Delta, Prompt, Sampling, Usage
 from rnnlm.serve.guard import ApiError
@@ -51,10 +52,6 @@ def model_name(lm: LanguageModel) -> str:
 
 
 # ---------------------------------------------------------------------------- bodies
-class StreamOptions(_Strict):
-    include_usage: bool = False
-
-
 class CompletionRequest(_Strict):
     model: str = Field(description="The model's name, as GET /v1/models lists it.")
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
@@ -68,7 +65,8 @@ class CompletionRequest(_Strict):
     stop: str | list[str] | None = Field(None, description="Up to 4 strings that end a choice (not included).")
     seed: int | None = Field(None, description="The same seed gives the same text (as `rnnlm generate --seed`).")
     stream: bool | None = False
-    stream_options: StreamOptions | None = None
+    stream_options: dict[str, bool] | None = Field(None, description='{"include_usage": true} adds a last chunk '
+                                                   "with the usage.")
     echo: bool | None = Field(False, description="Return the prompt before the completion (with its logprobs).")
     logprobs: int | None = Field(None, description="0-5: log-probabilities of the tokens and of that many "
                                  "alternatives per position.")
@@ -124,6 +122,8 @@ def _sampling(lm: LanguageModel, body: CompletionRequest) -> Sampling:
         raise _bad("logit_bias is not supported", "logit_bias")
     if body.suffix is not None:
         raise _bad("suffix is not supported", "suffix")
+    if set(body.stream_options or {}) - {"include_usage"}:
+        raise _bad("stream_options takes include_usage only", "stream_options")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     if len(stop) > 4 or any(not s for s in stop):
         raise _bad("stop takes up to 4 non-empty strings", "stop")
@@ -157,11 +157,14 @@ def _prompts(lm: LanguageModel, prompt: str | list[str] | list[int] | list[list[
 
 # ---------------------------------------------------------------------------- completions
 @router.post("/v1/completions", summary="OpenAI completions: continue or score prompts",
+             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                 "schema": CompletionRequest.model_json_schema()}}}},
              responses={200: {"content": {"text/event-stream": {}}, "description": "A completion, or with stream=true "
                         "server-sent events `data: {chunk}` ending in `data: [DONE]`"}})
-async def create_completion(body: CompletionRequest, request: Request) -> Any:
+async def create_completion(request: Request) -> Any:
     state: ServerState = request.app.state.rnnlm
     lm, scheduler = state.working()
+    body = await _parse(request)
     _check_model(lm, body.model)
     args = _sampling(lm, body)
     # In a thread: tokenizing a 1 MiB prompt takes a good part of a second, which on the event loop
@@ -178,7 +181,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
     if body.stream:
         admission = scheduler.admit(kind)
         admission.__enter__()  # 429 now, as a status, not inside a started stream
-        usage = bool(body.stream_options and body.stream_options.include_usage)
+        usage = bool((body.stream_options or {}).get("include_usage"))
         events = _sse(scheduler.stream(kind, work), head, usage, deadline_of(request, state.settings.timeout),
                       state.settings.timeout)
         return AdmittedStream(events, admission.__exit__, deadline_of(request, state.settings.timeout))
@@ -187,6 +190,16 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
     reply = await asyncio.to_thread(lambda: json.dumps({**head, **_assemble(deltas, len(prompts) * args.n)}))
     state.metrics.generated.inc(sum(d.completion_tokens for d in deltas if isinstance(d, Usage)))
     return Response(reply, media_type="application/json")
+
+
+async def _parse(request: Request) -> CompletionRequest:
+    """The body, parsed and validated in a thread: a 1 MiB prompt takes tens of milliseconds to
+    parse, which on the event loop would delay every other request (health checks included)."""
+    raw = await request.body()
+    try:
+        return await asyncio.to_thread(CompletionRequest.model_validate_json, raw)
+    except ValidationError as e:
+        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
 
 
 def _work(lm: LanguageModel, prompts: list[Prompt], args: Sampling) -> Callable[[Callable[[], bool]], Any]:
