@@ -404,11 +404,15 @@ class LanguageModel:
         """A context that has read nothing: its first token is predicted from ``<eos>``."""
         return Context(self.initial_state(1), self.eos_id, 0)
 
-    def prompt_tokens(self, text: str) -> list[Token]:
+    def prompt_tokens(self, text: str, *, mid_line: bool = False) -> list[Token]:
         """Tokens of text that continues a context: every line that ends in "\n" ends in
         ``<eos>`` (as ``text_tokens`` ends each line), the last line only where it ends in "\n"
-        (text cut at a space and sent in two pieces reads as the whole)."""
+        (text cut at a space and sent in two pieces reads as the whole). ``mid_line``: the context
+        has read part of a line, which a newline before any word of ``text`` ends."""
         check_text(text, "text")
+        first, newline, rest = text.partition("\n")
+        if mid_line and newline and not self.tokenizer.line_tokens(first.rstrip("\r"), eos=False):
+            return [Token(self.tokenizer.eos, self.eos_id, False), *self.prompt_tokens(rest)]
         head, newline, tail = text.rpartition("\n")
         tokens = self.tokenizer.text_tokens(head) if newline else []
         return tokens + self.tokenizer.line_tokens(tail.rstrip("\r"), eos=False)
@@ -431,7 +435,7 @@ class LanguageModel:
 
         Right: ``r1, c = lm.score_context(lm.context(), "the stock ")``, then
         ``r2, c = lm.score_context(c, "market fell\n")`` -> r1.nll + r2.nll == lm.score("the stock market fell").nll."""
-        tokens = self.prompt_tokens(text)
+        tokens = self.prompt_tokens(text, mid_line=ctx.last != self.eos_id)
         lp, after = self.feed(ctx, [t.id for t in tokens], cancelled=cancelled)
         return self.result_of(tokens, lp, per_token=per_token), after
 
