@@ -1,6 +1,8 @@
-"""Load on `rnnlm serve`: 64 concurrent clients, with and without request batching.
+"""Load on `rnnlm serve`: 64 concurrent clients, with and without request batching, then the
+OpenAI completions API and stateful sessions under the same load.
 
     python bench/http_load.py [--model models/lstm] [--requests 2048] [--clients 64]
+                              [--completions 256] [--sessions 64]
 
 The workload is rescoring: each request scores one PTB test sentence ({"lines": [sentence]}),
 the shape of an ASR/MT n-best rescoring call, followed by a smaller generation phase (seeded,
@@ -13,6 +15,14 @@ The server runs as a subprocess (`rnnlm serve --max-batch 1` = no batching, then
 32); the clients are plain asyncio HTTP/1.1 keep-alive connections, one per client, on the same
 machine (so they take CPU from the server: stated with the results). In-process batched
 scoring of the same sentences (``score_lines``, batch 64) is printed as the ceiling.
+
+Completions and sessions (on the last server): each job is first served alone, one at a time,
+then all of them again under ``--clients`` concurrent clients; every response must equal its
+alone twin (ids and timestamps aside; the numbers exactly, as no request shares a batch).
+Completion jobs mix seeded generation (n 2, logprobs 2, a stop string) and prompt scoring (echo,
+max_tokens 0, logprobs 1), text and token-id prompts. A session job is a script: open a session,
+score a PTB sentence in three pieces, fork it, export the fork's state, import it as a new
+session, score one more piece there, close all three.
 """
 
 from __future__ import annotations
@@ -28,25 +38,26 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from rnnlm.serve import LanguageModel
 
 
 class Client:
-    """One keep-alive HTTP/1.1 connection: POST JSON, read a Content-Length response."""
+    """One keep-alive HTTP/1.1 connection: send JSON, read a Content-Length response."""
 
     def __init__(self, port: int) -> None:
         self.port = port
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def post(self, path: str, body: dict) -> tuple[int, dict]:
+    async def post(self, path: str, body: dict | None, method: str = "POST") -> tuple[int, dict]:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
         assert self.reader is not None
-        data = json.dumps(body).encode()
-        self.writer.write(b"POST %s HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-                          b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(data), data))
+        data = b"" if body is None else json.dumps(body).encode()
+        self.writer.write(b"%s %s HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (method.encode(), path.encode(), len(data), data))
         head = await self.reader.readuntil(b"\r\n\r\n")
         status = int(head.split(b" ", 2)[1])
         length = int(re.search(rb"content-length: (\d+)", head, re.I).group(1))  # type: ignore[union-attr]
@@ -117,6 +128,102 @@ def percentile(xs: list[float], q: float) -> float:
     return statistics.quantiles(xs, n=1000, method="inclusive")[int(q * 10) - 1] if len(xs) > 1 else xs[0]
 
 
+# ------------------------------------------------------------------------ completions and sessions
+Step = tuple[str, str, dict | None, str | None]  # method, path ($name substituted), body, name to keep the reply as
+
+
+def completion_jobs(sentences: list[str], model: str, lm: LanguageModel, count: int) -> list[list[Step]]:
+    jobs: list[list[Step]] = []
+    for i, s in enumerate(sentences[:count]):
+        words = s.split()
+        prompt: str | list[int] = " ".join(words[:4])
+        if i % 4 == 3:
+            prompt = [t.id for t in lm.prompt_tokens(" ".join(words[:4]))]
+        if i % 2:
+            body = {"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0.9, "seed": i, "n": 2,
+                    "logprobs": 2, "stop": [" the"]}
+        else:
+            body = {"model": model, "prompt": s + "\n", "max_tokens": 0, "echo": True, "logprobs": 1}
+        jobs.append([("POST", "/v1/completions", body, None)])
+    return jobs
+
+
+def session_jobs(sentences: list[str], count: int) -> list[list[Step]]:
+    jobs: list[list[Step]] = []
+    for s in sentences[:count]:
+        w = s.split()
+        third = max(len(w) // 3, 1)
+        pieces = [" ".join(w[:third]) + " ", " ".join(w[third : 2 * third]) + " ", " ".join(w[2 * third :]) + "\n"]
+        jobs.append([("POST", "/v1/sessions", {}, "s"),
+                     *[("POST", "/v1/sessions/$s/score", {"text": p, "per_token": True}, None) for p in pieces],
+                     ("POST", "/v1/sessions/$s/fork", None, "f"), ("GET", "/v1/sessions/$f/state", None, "state"),
+                     ("POST", "/v1/sessions", {"state": "$state"}, "g"),
+                     ("POST", "/v1/sessions/$g/score", {"text": "the stock market fell\n"}, None),
+                     ("DELETE", "/v1/sessions/$s", None, None), ("DELETE", "/v1/sessions/$f", None, None),
+                     ("DELETE", "/v1/sessions/$g", None, None)])
+    return jobs
+
+
+async def run_script(client: Client, script: list[Step]) -> list[tuple[int, dict]]:
+    """The steps in order, each reply kept (as a session id, or whole for "state") for the next ones."""
+    kept: dict[str, Any] = {}
+    out = []
+    for method, path, body, name in script:
+        for key, value in kept.items():
+            path = path.replace(f"${key}", str(value.get("id") if isinstance(value, dict) and key != "state" else value))
+        if body is not None and body.get("state") == "$state":
+            body = {"state": kept["state"]}
+        status, reply = await client.post(path, body, method)
+        if name is not None:
+            kept[name] = reply
+        out.append((status, reply))
+    return out
+
+
+def normal(reply: dict) -> dict:
+    """A reply without what differs between two servings of the same request: ids and times."""
+    return {k: v for k, v in reply.items() if k not in ("id", "created")}
+
+
+async def scripts(port: int, jobs: list[list[Step]], clients: int) -> list[list[tuple[int, dict]]]:
+    """Every script once, ``clients`` at a time, each on one connection; replies in job order."""
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(len(jobs)):
+        queue.put_nowait(i)
+    out: list[list[tuple[int, dict]]] = [[] for _ in jobs]
+
+    async def worker() -> None:
+        client = Client(port)
+        while not queue.empty():
+            i = queue.get_nowait()
+            try:
+                out[i] = await run_script(client, jobs[i])
+            except (OSError, asyncio.IncompleteReadError, ValueError) as e:
+                out[i], client = [(0, {"error": repr(e)})], Client(port)
+
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return out
+
+
+def compare_under_load(port: int, name: str, jobs: list[list[Step]], clients: int) -> None:
+    """Serve every job alone, then all under load; print errors and mismatches."""
+    t = time.perf_counter()
+    alone = asyncio.run(scripts(port, jobs, 1))
+    t_alone = time.perf_counter() - t
+    t = time.perf_counter()
+    loaded = asyncio.run(scripts(port, jobs, clients))
+    wall = time.perf_counter() - t
+    requests = sum(len(j) for j in jobs)
+    errors = [r for job in alone + loaded for r in job if not 200 <= r[0] < 300]
+    mismatches = sum(1 for a, b in zip(alone, loaded, strict=True)
+                     for (sa, ra), (sb, rb) in zip(a, b, strict=True) if (sa, normal(ra)) != (sb, normal(rb)))
+    print(f"{name}: {len(jobs)} jobs = {requests} requests; alone {requests / t_alone:.1f} req/s, {clients} clients "
+          f"{requests / wall:.1f} req/s; errors {len(errors)}, responses differing from the same request served "
+          f"alone {mismatches}")
+    if errors:
+        print("  first error:", errors[0])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="models/lstm")
@@ -126,6 +233,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--batches", default="1,32", help="--max-batch values to compare")
+    ap.add_argument("--completions", type=int, default=256, help="/v1/completions jobs (on the last server)")
+    ap.add_argument("--sessions", type=int, default=64, help="session scripts (on the last server)")
     args = ap.parse_args()
 
     sentences = [s.strip() for s in (Path(args.data) / "ptb.test.txt").read_text().splitlines() if s.strip()]
@@ -149,8 +258,9 @@ def main() -> None:
 
     jobs = [("/v1/score", {"lines": [s]}) for s in sentences] + [("/v1/generate", g) for g in gen_args]
     results = {}
+    batches = [int(b) for b in args.batches.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        for max_batch in [int(b) for b in args.batches.split(",")]:
+        for max_batch in batches:
             proc, port = start_server(args.model, Path(tmp) / f"server-{max_batch}.log", "--max-batch", str(max_batch),
                                       "--threads", str(args.threads), "--max-queue", str(4 * args.clients))
             try:
@@ -161,6 +271,11 @@ def main() -> None:
                 cpu, server_cpu = time.process_time() - cpu, _cpu_seconds(proc.pid) - server_cpu
                 gen = asyncio.run(load(port, jobs[len(sentences):], args.clients))
                 metrics = asyncio.run(_get(port, "/metrics")).decode()
+                if max_batch == batches[-1]:
+                    name = json.loads(asyncio.run(_get(port, "/v1/models")))["data"][0]["id"]
+                    compare_under_load(port, "completions", completion_jobs(sentences, name, lm, args.completions),
+                                       args.clients)
+                    compare_under_load(port, "sessions", session_jobs(sentences, args.sessions), args.clients)
             finally:
                 proc.terminate()
                 code = proc.wait(timeout=60)

@@ -403,6 +403,8 @@ def serve(
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body; larger gets 413 before it is read.")] = 1 << 20,
     max_generate_tokens: Annotated[int, typer.Option(help="Largest n * max_tokens of one generate request.")] = 65_536,
     grace: Annotated[float, typer.Option(help="Seconds in-flight requests get to finish after SIGTERM.")] = 30.0,
+    max_sessions: Annotated[int, typer.Option(help="Open sessions (/v1/sessions) at once; each holds one state.")] = 1024,
+    session_ttl: Annotated[float, typer.Option(help="Seconds a session may stay unused before it is closed.")] = 600.0,
     raw: Annotated[bool, typer.Option(help="Take tokens as they are: no lower-casing, no numbers to N.")] = False,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
@@ -411,7 +413,9 @@ def serve(
     """Serve scoring and generation over HTTP (FastAPI + uvicorn; needs the `server` extra).
 
     Endpoints: POST /v1/score, POST /v1/generate (stream=true for server-sent events), GET /v1/model,
-    GET /v2/health/live and /v2/health/ready (KServe v2), GET /metrics (Prometheus), /docs.
+    GET /v2/health/live and /v2/health/ready (KServe v2), GET /metrics (Prometheus), /docs;
+    OpenAI's POST /v1/completions and GET /v1/models, POST /tokenize, POST /detokenize, GET /tokenizer_info;
+    stateful sessions under /v1/sessions (score, generate, fork, export and import a state).
 
     Example: rnnlm serve --model models/lstm, then
 
@@ -428,7 +432,7 @@ def serve(
         raise fail(f"--log-level must be critical, error, warning, info or debug, not {log_level!r}")
     settings = ServerSettings(max_concurrency=max_concurrency, max_queue=max_queue, max_batch=max_batch, timeout=timeout,
                               max_body_bytes=max_body_bytes, max_generate_tokens=max_generate_tokens, device=device,
-                              threads=threads, raw=raw)
+                              threads=threads, raw=raw, max_sessions=max_sessions, session_ttl=session_ttl)
     code = run(lambda: run_server(model, host=host, port=port, settings=settings, grace=grace, log_level=log_level))
     raise typer.Exit(code)
 

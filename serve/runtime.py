@@ -33,7 +33,7 @@ class Cancelled(RnnlmError):
 class State:
     """The recurrent state of ``batch`` sequences: one float32 array (batch, size) per state input.
 
-    Opaque to callers; pass it back to ``step``. ``copy()`` to branch a sequence."""
+    Opaque to callers; pass it back to ``step``. ``copy()`` (or ``fork()``) to branch a sequence."""
 
     arrays: dict[str, np.ndarray]
 
@@ -43,6 +43,46 @@ class State:
 
     def copy(self) -> State:
         return State({k: v.copy() for k, v in self.arrays.items()})
+
+    fork = copy
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.nbytes for v in self.arrays.values())
+
+    def repeat(self, n: int) -> State:
+        """A batch-1 state copied into ``n`` rows (``n`` samples that share a prompt)."""
+        return State({k: np.repeat(v, n, axis=0) for k, v in self.arrays.items()})
+
+    def to_bytes(self) -> bytes:
+        """The arrays as little-endian float32, one after the other in the manifest's order."""
+        return b"".join(np.ascontiguousarray(v, "<f4").tobytes() for v in self.arrays.values())
+
+
+class StateError(RnnlmError):
+    """An exported state that this model cannot take: another bundle's, altered, truncated, not finite."""
+
+
+STATE_FORMAT = "rnnlm-state"
+
+
+@dataclass
+class Context:
+    """Where a text stands: the recurrent state after every token but the last, and that last token
+    (``last``), which the next call feeds first, as ``score_tokens`` carries a text across blocks.
+    So text scored in any number of pieces gets exactly the log-probabilities of the whole.
+
+    A new context is ``lm.context()`` (nothing read: the state is zero and ``last`` is ``<eos>``,
+    so the first token is predicted from ``<eos>``, as in ``rnnlm score``). ``tokens`` counts what
+    it has read. ``fork()`` branches it; ``lm.export_context`` / ``lm.import_context`` carry it
+    elsewhere (another process or server with the same bundle)."""
+
+    state: State
+    last: int
+    tokens: int = 0
+
+    def fork(self) -> Context:
+        return Context(self.state.copy(), self.last, self.tokens)
 
 
 @dataclass
@@ -448,44 +488,170 @@ class LanguageModel:
             inputs[1 : len(ids), b] = ids[:-1]
         return inputs, targets, lengths
 
+    # ------------------------------------------------------------------ contexts (sessions)
+    def context(self) -> Context:
+        """A context that has read nothing: its first token is predicted from ``<eos>``."""
+        return Context(self.initial_state(1), self.eos_id, 0)
+
+    def prompt_tokens(self, text: str, *, mid_line: bool = False) -> list[Token]:
+        """Tokens of text that continues a context: every line that ends in "\n" ends in
+        ``<eos>`` (as ``text_tokens`` ends each line), the last line only where it ends in "\n"
+        (text cut at a space and sent in two pieces reads as the whole). ``mid_line``: the context
+        has read part of a line, which a newline before any word of ``text`` ends."""
+        check_text(text, "text")
+        first, newline, rest = text.partition("\n")
+        if mid_line and newline and not self.tokenizer.line_tokens(first.rstrip("\r"), eos=False):
+            return [Token(self.tokenizer.eos, self.eos_id, False), *self.prompt_tokens(rest)]
+        head, newline, tail = text.rpartition("\n")
+        tokens = self.tokenizer.text_tokens(head) if newline else []
+        return tokens + self.tokenizer.line_tokens(tail.rstrip("\r"), eos=False)
+
+    def feed(self, ctx: Context, ids: Sequence[int], *,
+             cancelled: Callable[[], bool] | None = None) -> tuple[np.ndarray, Context]:
+        """Read ``ids`` after ``ctx`` through the scoring graph, a chunk of positions per call:
+        the log-probability of each id (float64) and the context after them. ``ctx`` is unchanged."""
+        if not len(ids):
+            return np.zeros(0, np.float64), ctx.fork()
+        arr = np.asarray(ids, np.int64)
+        inputs = np.concatenate([[ctx.last], arr[:-1]])  # (L,): each id is predicted from the one before
+        picked, state = self._score_ids(inputs[:, None], arr[:, None], np.array([len(arr)]), ctx.state, cancelled)
+        return picked[:, 0].astype(np.float64), Context(state, int(arr[-1]), ctx.tokens + len(arr))
+
+    def score_context(self, ctx: Context, text: str, *, per_token: bool = False,
+                      cancelled: Callable[[], bool] | None = None) -> tuple[ScoreResult, Context]:
+        """Score ``text`` as the continuation of ``ctx`` (``prompt_tokens``): its result and the
+        context after it. Scoring a document in pieces this way equals ``score`` of the whole.
+
+        Right: ``r1, c = lm.score_context(lm.context(), "the stock ")``, then
+        ``r2, c = lm.score_context(c, "market fell\n")`` -> r1.nll + r2.nll == lm.score("the stock market fell").nll."""
+        tokens = self.prompt_tokens(text, mid_line=ctx.last != self.eos_id)
+        lp, after = self.feed(ctx, [t.id for t in tokens], cancelled=cancelled)
+        return self.result_of(tokens, lp, per_token=per_token), after
+
+    def next_logprobs(self, ctx: Context, num_samples: int = 1) -> tuple[np.ndarray, State]:
+        """The distribution of the token after ``ctx`` (num_samples, vocab), and the state that has
+        read everything: what sampling starts from."""
+        return self.step_ids(ctx.state.repeat(num_samples), np.full(num_samples, ctx.last, np.int64))
+
+    def position_logprobs(self, ctx: Context, ids: Sequence[int], *,
+                          cancelled: Callable[[], bool] | None = None) -> Iterator[np.ndarray]:
+        """The full distribution (vocab,) each of ``ids`` was predicted from, one step-graph call per
+        id (for top-k alternatives; ``feed`` gives the ids' own log-probabilities far faster)."""
+        state, prev = ctx.state, ctx.last
+        for tid in ids:
+            if cancelled is not None and cancelled():
+                raise Cancelled("the request was cancelled")
+            logprobs, state = self.step_ids(state, np.array([prev], np.int64))
+            yield logprobs[0]
+            prev = int(tid)
+
+    @property
+    def bundle_sha256(self) -> str:
+        """The sha256 of the bundle's manifest, which holds the sha256 of every file: its identity."""
+        if "_bundle_sha256" not in self.__dict__:
+            from rnnlm.fsutil import sha256
+
+            self.__dict__["_bundle_sha256"] = sha256(self.bundle.path / "manifest.json")
+        return str(self.__dict__["_bundle_sha256"])
+
+    def export_context(self, ctx: Context) -> dict[str, Any]:
+        """A context as JSON-ready data that ``import_context`` takes back, here or in another process
+        with the same bundle: the state's bytes (base64 of little-endian float32 arrays in the
+        manifest's order), the bundle's sha256, the token count, the last token, and a sha256 over
+        all of them that detects alteration and truncation (integrity, not authentication)."""
+        import base64
+
+        data = ctx.state.to_bytes()
+        out = {"format": STATE_FORMAT, "version": 1, "bundle_sha256": self.bundle_sha256, "tokens": ctx.tokens,
+               "last_token": ctx.last, "shapes": {s["input"]: [1, s["size"]] for s in self.states},
+               "state": base64.b64encode(data).decode("ascii")}
+        out["sha256"] = _state_digest(out, data)
+        return out
+
+    def import_context(self, exported: Any) -> Context:
+        """The context ``export_context`` wrote; ``StateError`` with the reason when it comes from
+        another bundle, has other shapes, was altered or truncated, or holds a value that is not finite."""
+        import base64
+        import binascii
+
+        if not isinstance(exported, dict) or exported.get("format") != STATE_FORMAT or exported.get("version") != 1:
+            raise StateError(f"not an exported state (expected format {STATE_FORMAT!r} version 1)")
+        if exported.get("bundle_sha256") != self.bundle_sha256:
+            raise StateError("the state was exported from another model (its bundle_sha256 differs from this "
+                             f"model's {self.bundle_sha256[:16]}...)")
+        shapes = {s["input"]: [1, s["size"]] for s in self.states}
+        if exported.get("shapes") != shapes:
+            raise StateError(f"the state's shapes {exported.get('shapes')} are not this model's {shapes}")
+        tokens, last = exported.get("tokens"), exported.get("last_token")
+        if type(tokens) is not int or tokens < 0 or type(last) is not int or not 0 <= last < len(self.vocab):
+            raise StateError(f"tokens must be an integer >= 0 and last_token a token id below {len(self.vocab)}")
+        try:
+            data = base64.b64decode(str(exported.get("state")), validate=True)
+        except (binascii.Error, ValueError):
+            raise StateError("the state's bytes are not valid base64") from None
+        want = 4 * sum(s["size"] for s in self.states)
+        if len(data) != want:
+            raise StateError(f"the state is {len(data)} bytes; this model's is {want} (truncated or foreign)")
+        if exported.get("sha256") != _state_digest(exported, data):
+            raise StateError("the state does not match its sha256: it was altered after export")
+        values = np.frombuffer(data, "<f4").astype(np.float32)
+        if not np.isfinite(values).all():
+            raise StateError("the state holds values that are not finite")
+        arrays, at = {}, 0
+        for s in self.states:
+            arrays[s["input"]] = values[at : at + s["size"]].reshape(1, s["size"]).copy()
+            at += s["size"]
+        return Context(State(arrays), last, tokens)
+
     # ------------------------------------------------------------------ generation
     def generate_ids(self, prompt: str, *, max_new_tokens: int = 50, temperature: float = 1.0, top_k: int | None = None,
                      top_p: float | None = None, seed: int | None = None, num_samples: int = 1,
                      stop_at_eos: bool = True, cancelled: Callable[[], bool] | None = None) -> Iterator[np.ndarray]:
         """Yield the next token id of each sample, (num_samples,), one step at a time.
-        ``cancelled`` is polled before every step, the prompt's included; True stops with ``Cancelled``."""
-        from rnnlm.serve.sampling import sample
 
+        The prompt (``prompt_tokens``: a line that ends in "\n" ends in ``<eos>``) is read through
+        the scoring graph a chunk at a time, then sampling runs on the step graph. ``cancelled`` is
+        polled between calls, the prompt's included; True stops with ``Cancelled``."""
         self.check_generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             num_samples=num_samples, seed=seed)
-        rng = np.random.default_rng(seed)
-        prompt_ids = [t.id for t in self.tokenizer.line_tokens(prompt, eos=False)] if prompt.strip() else []
-        stepper = BoundStepper(self, num_samples) if self.bind_state else None
-        state = self.initial_state(num_samples)
-        logprobs = None
+        _, ctx = self.feed(self.context(), [t.id for t in self.prompt_tokens(prompt)], cancelled=cancelled)
+        for ids, _ in self.sample_from(ctx, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                       top_p=top_p, seed=seed, num_samples=num_samples, stop_at_eos=stop_at_eos,
+                                       cancelled=cancelled):
+            yield ids
 
-        def advance(ids: np.ndarray) -> np.ndarray:
-            nonlocal state
+    def sample_from(self, ctx: Context, *, max_new_tokens: int = 50, temperature: float = 1.0,
+                    top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                    num_samples: int = 1, stop_at_eos: bool = True,
+                    cancelled: Callable[[], bool] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Sample continuations of ``ctx`` (left unchanged): yields each step's token ids
+        (num_samples,) with the log-probabilities (num_samples, vocab) they were drawn from.
+        A sample that ended at ``<eos>`` keeps yielding ``<eos>`` until all have ended."""
+        from rnnlm.serve.sampling import sample
+
+        rng = np.random.default_rng(seed)
+
+        def check() -> None:
             if cancelled is not None and cancelled():
                 raise Cancelled("the request was cancelled")
-            if stepper is not None:
-                return stepper.step(ids)
-            out, state = self.step_ids(state, ids)
-            return out
 
-        for tid in [self.eos_id, *prompt_ids]:  # an empty prompt starts a sentence from <eos>
-            logprobs = advance(np.full(num_samples, tid, np.int64))
-        assert logprobs is not None
+        check()
+        logprobs, state = self.next_logprobs(ctx, num_samples)
+        stepper = BoundStepper(self, state) if self.bind_state else None
         done = np.zeros(num_samples, bool)
         for _ in range(max_new_tokens):
             nxt = sample(logprobs, rng, temperature=temperature, top_k=top_k, top_p=top_p)
             nxt = np.where(done, self.eos_id, nxt)
-            yield nxt
+            yield nxt, logprobs
             if stop_at_eos:
                 done |= nxt == self.eos_id
                 if done.all():
                     return
-            logprobs = advance(nxt)
+            check()
+            if stepper is not None:
+                logprobs = stepper.step(nxt)
+            else:
+                logprobs, state = self.step_ids(state, nxt)
 
     def check_generate(self, prompt: str, *, max_new_tokens: int = 50, temperature: float = 1.0,
                        top_k: int | None = None, top_p: float | None = None, num_samples: int = 1,
@@ -529,11 +695,12 @@ class BoundStepper:
     """The step graph through IOBinding: the state stays where the session runs (GPU memory on
     CUDA) as OrtValues, swapped from outputs to inputs at every step, never copied to the host."""
 
-    def __init__(self, lm: LanguageModel, batch: int) -> None:
+    def __init__(self, lm: LanguageModel, state: State) -> None:
         self.sess = lm.session("step")
         self.names = [(s["input"], s["output"]) for s in lm.states]
         self.device = "cuda" if "CUDAExecutionProvider" in self.sess.get_providers() else "cpu"
-        self.states = [ort.OrtValue.ortvalue_from_numpy(a, self.device, 0) for a in lm.initial_state(batch).arrays.values()]
+        self.states = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), self.device, 0)
+                       for a in state.arrays.values()]
 
     def step(self, token_ids: np.ndarray) -> np.ndarray:
         binding = self.sess.io_binding()
@@ -548,3 +715,13 @@ class BoundStepper:
         self.states = list(outputs[1:])
         return outputs[0].numpy()
 
+
+
+def _state_digest(exported: dict[str, Any], data: bytes) -> str:
+    """sha256 over what an exported state says: the bundle, the counts, the shapes and the bytes."""
+    import hashlib
+    import json
+
+    head = json.dumps([exported.get("bundle_sha256"), exported.get("tokens"), exported.get("last_token"),
+                       exported.get("shapes")], sort_keys=True)
+    return hashlib.sha256(head.encode() + b"\0" + data).hexdigest()

@@ -7,6 +7,11 @@
                        them in one batched call: requests that arrive while the slots are busy
                        share the next call (max_batch 1 turns batching off)
     generate --------> holds a slot for its whole length, one onnxruntime step per executor call
+    run / stream ----> any other work (sessions, completions) in a slot of its kind
+
+Scoring and generation are admitted separately: each kind has its own max_concurrency slots, its
+own worker threads and its own max_queue places, so long generations (or long prompts, which hold
+a generation slot) cannot starve scoring, and a flood of scoring cannot starve generation.
 
 No recurrent state is shared: every sequence of every request starts from a fresh state, and a
 batch keeps its sequences in separate columns. onnxruntime runs in worker threads, so the event
@@ -48,13 +53,17 @@ class _ScoreJob:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
+KINDS = ("score", "generate")  # admitted separately, each with its own slots, threads and queue
+
+
 @dataclass
 class Stats:
     """What /metrics reads; updated on the event loop only."""
 
-    admitted: int = 0  # running or waiting
-    running: int = 0  # holding a slot
+    admitted: int = 0  # running or waiting, all kinds
+    running: int = 0  # holding a slot, all kinds
     on_batch: Callable[[int], None] | None = None  # told the number of sequences of each batched call
+    admitted_by_kind: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
 
     @property
     def queued(self) -> int:
@@ -69,8 +78,9 @@ class Scheduler:
         self.max_concurrency, self.max_queue, self.max_batch = max_concurrency, max_queue, max_batch
         self.stats = Stats()
         self.draining = False
-        self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="rnnlm-ort")
-        self._slots = asyncio.Semaphore(max_concurrency)
+        self._pools = {kind: ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix=f"rnnlm-{kind}")
+                       for kind in KINDS}
+        self._slots = {kind: asyncio.Semaphore(max_concurrency) for kind in KINDS}
         self._pending: list[_ScoreJob] = []
         self._wake = asyncio.Event()  # set when a job is added
         self._workers: list[asyncio.Task[None]] = []
@@ -82,36 +92,55 @@ class Scheduler:
             job.cancelled.set()
         # Not wait=True: this runs on the event loop. A batch still running stops at its next chunk
         # (its jobs are cancelled) and the interpreter joins the thread at exit.
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in self._pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ admission
     @contextlib.contextmanager
-    def admit(self) -> Iterator[None]:
-        """Count a request in, or refuse it at once: never an unbounded wait."""
+    def admit(self, kind: str = "score") -> Iterator[None]:
+        """Count a request of ``kind`` ("score" or "generate") in, or refuse it at once: never an
+        unbounded wait. Each kind has max_concurrency + max_queue places of its own."""
         if self.draining:
             raise Draining("the server is shutting down")
-        if self.stats.admitted >= self.max_concurrency + self.max_queue:
-            raise Overloaded(f"busy: {self.max_concurrency} requests running and {self.max_queue} waiting")
+        if self.stats.admitted_by_kind[kind] >= self.max_concurrency + self.max_queue:
+            raise Overloaded(f"busy: {self.max_concurrency} {kind} requests running and {self.max_queue} waiting")
         self.stats.admitted += 1
+        self.stats.admitted_by_kind[kind] += 1
         try:
             yield
         finally:
             self.stats.admitted -= 1
+            self.stats.admitted_by_kind[kind] -= 1
 
-    async def _acquire(self) -> None:
-        await self._slots.acquire()
+    async def _acquire(self, kind: str) -> None:
+        await self._slots[kind].acquire()
         self.stats.running += 1
 
-    def _release(self) -> None:
+    def _release(self, kind: str) -> None:
         self.stats.running -= 1
-        self._slots.release()
+        self._slots[kind].release()
 
-    def _release_when_done(self, work: asyncio.Future[Any] | None) -> None:
+    def _release_when_done(self, kind: str, work: asyncio.Future[Any] | None) -> None:
         """A slot is free when its thread is, not when its awaiting request gives up."""
         if work is None or work.done():
-            self._release()
+            self._release(kind)
         else:
-            work.add_done_callback(lambda _: self._release())
+            work.add_done_callback(lambda _: self._release(kind))
+
+    async def run(self, kind: str, fn: Callable[[Callable[[], bool]], Any]) -> Any:
+        """``fn(cancelled)`` in a worker thread of ``kind``, holding one of its slots: what a session
+        call or a completion does. Cancelling the awaiting task makes ``cancelled()`` return True,
+        which the runtime polls between onnxruntime calls."""
+        loop = asyncio.get_running_loop()
+        stop = threading.Event()
+        await self._acquire(kind)
+        work: asyncio.Future[Any] | None = None
+        try:
+            work = loop.run_in_executor(self._pools[kind], fn, stop.is_set)
+            return await asyncio.shield(work)
+        finally:
+            stop.set()
+            self._release_when_done(kind, work)
 
     # ------------------------------------------------------------------ scoring
     async def score(self, sequences: Sequence[Sequence[Token]], *, per_token: bool = False) -> list[ScoreResult]:
@@ -143,17 +172,17 @@ class Scheduler:
             while not self._pending:
                 self._wake.clear()
                 await self._wake.wait()
-            await self._acquire()
+            await self._acquire("score")
             work: asyncio.Future[None] | None = None
             try:
                 batch = self._take_batch()
                 if batch:
-                    work = loop.run_in_executor(self._pool, self._run_batch, batch, loop)
+                    work = loop.run_in_executor(self._pools["score"], self._run_batch, batch, loop)
                     await asyncio.shield(work)
             except Exception:  # _run_batch hands its own errors to the requests; anything else, log and go on
                 log.exception("the scoring worker caught an error")
             finally:
-                self._release_when_done(work)
+                self._release_when_done("score", work)
 
     def _take_batch(self) -> list[_ScoreJob]:
         """The oldest pending jobs, up to max_batch sequences (one job may exceed it alone)."""
@@ -191,11 +220,16 @@ class Scheduler:
             loop.call_soon_threadsafe(_settle, job.future, result, None)
 
     # ------------------------------------------------------------------ generation
-    async def generate(self, prompt: str, **kwargs: Any) -> AsyncIterator[np.ndarray]:
-        """The runtime's generate_ids, run by one worker thread that holds a slot throughout and
-        hands each step's ids to the event loop as it comes (one thread handoff per request, not
-        per step). Check the arguments first (``lm.check_generate``); closing this iterator stops
-        the thread at its next step."""
+    def generate(self, prompt: str, **kwargs: Any) -> AsyncIterator[np.ndarray]:
+        """The runtime's generate_ids in a generation slot (see ``stream``). Check the arguments
+        first (``lm.check_generate``)."""
+        return self.stream("generate", lambda cancelled: self.lm.generate_ids(prompt, **kwargs, cancelled=cancelled))
+
+    async def stream(self, kind: str, make: Callable[[Callable[[], bool]], Iterator[Any]]) -> AsyncIterator[Any]:
+        """The items of ``make(cancelled)``, produced by one worker thread of ``kind`` that holds a
+        slot throughout and hands each item to the event loop as it comes (one thread handoff per
+        request, not per item). Closing this iterator stops the thread at its next item or at the
+        runtime's next onnxruntime call (``cancelled`` turns True)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         stop = threading.Event()
@@ -205,29 +239,33 @@ class Scheduler:
                 with contextlib.suppress(RuntimeError):  # the loop closed under us: nobody is waiting
                     loop.call_soon_threadsafe(queue.put_nowait, item)
 
-            steps = self.lm.generate_ids(prompt, **kwargs, cancelled=stop.is_set)  # stops a long prompt too
             try:
-                for ids in steps:
-                    if stop.is_set():
-                        break
-                    hand(ids)
+                items = make(stop.is_set)  # stops a long prompt too
+                try:
+                    for item in items:
+                        if stop.is_set():
+                            break
+                        hand(item)
+                finally:
+                    close = getattr(items, "close", None)
+                    if close is not None:
+                        close()
             except BaseException as e:
                 hand(e)
             finally:
-                steps.close()
                 hand(_END)
 
-        await self._acquire()
+        await self._acquire(kind)
         work: asyncio.Future[None] | None = None
         try:
-            work = loop.run_in_executor(self._pool, produce)
+            work = loop.run_in_executor(self._pools[kind], produce)
             while (item := await queue.get()) is not _END:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
         finally:
             stop.set()
-            self._release_when_done(work)
+            self._release_when_done(kind, work)
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

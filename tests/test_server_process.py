@@ -224,6 +224,8 @@ def test_serve_cli_refuses_bad_setup_with_one_line(lstm_bundle: Path, tmp_path: 
             ("--model", str(lstm_bundle), "--port", port): "cannot listen",
             ("--model", str(lstm_bundle), "--max-concurrency", "0"): "--max-concurrency must be >= 1",
             ("--model", str(lstm_bundle), "--timeout", "0"): "--timeout must be",
+            ("--model", str(lstm_bundle), "--max-sessions", "0"): "--max-sessions must be >= 1",
+            ("--model", str(lstm_bundle), "--session-ttl", "nan"): "--session-ttl must be",
             ("--model", str(lstm_bundle), "--log-level", "loud"): "--log-level",
         }
         for args, words in cases.items():
