@@ -318,7 +318,7 @@ def _sequences(lm: LanguageModel, body: ScoreRequest) -> list[list[Token]]:
             if "\n" in line:
                 raise RnnlmError(f"lines[{i}] contains a newline; each item is one sentence")
         sequences = [lm.tokenizer.line_tokens(line) for line in body.lines]
-    if not any(sequences):
+    if not any(t.id != lm.eos_id for seq in sequences for t in seq):  # blank lines are <eos> alone
         raise RnnlmError("the text is empty or only whitespace: nothing to score")
     return sequences
 

@@ -177,28 +177,25 @@ def test_score_lines_each_alone(client: TestClient, lm: LanguageModel) -> None:
     for text, got in zip(LINES, body["lines"], strict=True):
         ref = lm.score_lines([text], per_token=True)[0]  # scored alone, from a fresh state
         assert (got["tokens"], got["oov"]) == (ref.tokens, ref.oov), text
-        assert got["tokens"] == (len(text.split()) + 1 if text.strip() else 0), text
+        assert got["tokens"] == len(text.split()) + 1, text  # a blank line is an empty sentence: <eos>
         assert got["nll"] == pytest.approx(ref.nll, rel=REL, abs=1e-12), text
-        if ref.tokens:
-            assert got["ppl"] == pytest.approx(ref.ppl, rel=REL), text
-            assert [t["logprob"] for t in got["per_token"]] == pytest.approx([lp for _, lp, _ in ref.per_token],
-                                                                            rel=REL, abs=1e-6), text
-        else:
-            assert got["nll"] == 0.0 and got.get("ppl") is None, got
+        assert got["ppl"] == pytest.approx(ref.ppl, rel=REL), text
+        assert [t["logprob"] for t in got["per_token"]] == pytest.approx([lp for _, lp, _ in ref.per_token],
+                                                                        rel=REL, abs=1e-6), text
     lines = body["lines"]
-    assert body["tokens"] == sum(x["tokens"] for x in lines) == sum(len(t.split()) + 1 for t in LINES if t.strip())
+    assert body["tokens"] == sum(x["tokens"] for x in lines) == sum(len(t.split()) + 1 for t in LINES)
     assert body["oov"] == sum(x["oov"] for x in lines) == 1
     assert body["nll"] == pytest.approx(sum(x["nll"] for x in lines), rel=1e-12)
     assert body["ppl"] == pytest.approx(math.exp(body["nll"] / body["tokens"]), rel=1e-12)
     assert "per_token" not in body  # per token is per line
 
 
-def test_score_lines_blank_line_has_null_ppl(client: TestClient) -> None:
+def test_score_lines_blank_line_is_an_empty_sentence(client: TestClient, lm: LanguageModel) -> None:
     body = client.post("/v1/score", json={"lines": ["the market", ""]}).json()
     blank = body["lines"][1]
-    assert blank["tokens"] == 0
-    assert "ppl" in blank and blank["ppl"] is None, blank
-    assert "ppl_excluding_oov" in blank and blank["ppl_excluding_oov"] is None, blank
+    eos_first = lm.step(lm.initial_state(), "<eos>")[0][0, lm.eos_id]  # P(<eos> | <eos>), stepped
+    assert blank["tokens"] == 1 and blank["nll"] == pytest.approx(-float(eos_first), abs=1e-5)
+    assert blank["ppl"] == pytest.approx(math.exp(blank["nll"]), rel=1e-9)
 
 
 CHARS = list("abcdefghijklmnopqrstuvwxyz_")
@@ -373,7 +370,7 @@ def test_metrics_count_generate_and_unknown_paths(lm: LanguageModel) -> None:
 def test_metrics_count_scores(lm: LanguageModel) -> None:
     bodies = [{"text": "the stock market fell"}, {"text": "shares rose\nthe bank"},
               {"lines": ["the market", "", "a zebra rose"]}]
-    tokens = 5 + (3 + 3) + (3 + 0 + 4)  # words and one <eos> per non-blank line
+    tokens = 5 + (3 + 3) + (3 + 1 + 4)  # words and one <eos> per line, the blank one too
     with serve(lm) as client:
         for b in bodies:
             assert client.post("/v1/score", json=b).status_code == 200
