@@ -300,6 +300,6 @@ async def tokenizer_info(request: Request) -> JSONResponse:
     return JSONResponse({"tokenizer_class": "rnnlm", "level": lm.level, "vocab_size": len(lm.vocab),
                          "eos_token": tok.eos, "eos_token_id": tok.eos_id, "unk_token": tok.unk,
                          "unk_token_id": tok.unk_id, "bos_token": None, "pad_token": None,
-                         "model_max_length": MAX_MODEL_LEN, "raw": tok.raw,
+                         "model_max_length": MAX_MODEL_LEN, "normalization": tok.spec.to_json(),
                          "note": "a line ending in a newline ends in eos_token; the first token is predicted "
                                  "from eos_token"})
