@@ -14,6 +14,12 @@ from typing import Any
 from rnnlm.errors import RnnlmError
 
 CELLS = ("lstm", "rhn", "hypernets")
+# The training loss of one BPTT window of T steps and B streams, from the token NLLs l[t, b]:
+#   token_mean  (1 / (T·B)) Σ_t Σ_b l[t, b]   pytorch/examples, the Adam CPU presets
+#   time_sum    (1 / B)     Σ_t Σ_b l[t, b]   sum over time, mean over the batch: Zaremba et al.'s TF
+#               ptb_word_lm (sequence_loss without time averaging, then reduce_sum) and Zilly et al.'s
+#               RHN code (reduce_sum(loss) / batch_size). Its gradient is T times the token mean's.
+LOSSES = ("token_mean", "time_sum")
 
 
 def _check_types(obj: object) -> None:
@@ -105,13 +111,18 @@ class TrainConfig:
     epochs: int = 40
     batch_size: int = 32
     bptt: int = 35
-    clip: float = 5.0  # global gradient norm
-    weight_decay: float = 0.0  # L2 coefficient added to the loss (0.5 * wd * |w|^2 gradient wd * w)
+    clip: float = 5.0  # global gradient norm, of the gradient of the loss below (L2 term included)
+    weight_decay: float = 0.0  # L2 in the loss: 0.5 * wd * |w|^2 over every parameter, gradient wd * w
     seed: int = 1234
+    # What one window's loss is, over its T steps and B streams (see LOSSES): the paper presets train
+    # with their reference code's convention, because their lr, clip and weight decay are calibrated to it.
+    loss: str = "token_mean"
 
     def __post_init__(self) -> None:
         _check_types(self)
         problems = []
+        if self.loss not in LOSSES:
+            problems.append(f"loss must be one of {', '.join(LOSSES)}, not {self.loss!r}")
         if self.optimizer not in ("sgd", "adam"):
             problems.append(f"optimizer must be 'sgd' or 'adam', not {self.optimizer!r}")
         if not self.lr > 0:
@@ -175,7 +186,7 @@ PRESETS: dict[str, Preset] = {
                         dropout_emb=0.25, dropout_input=0.75, dropout_recurrent=0.25, dropout_output=0.75,
                         init_scale=0.04, rhn_transform_bias=-2.0),
             TrainConfig(optimizer="sgd", lr=0.2, lr_decay=1.02, decay_start=20, epochs=500, batch_size=20,
-                        bptt=35, clip=10.0, weight_decay=1e-7),
+                        bptt=35, clip=10.0, weight_decay=1e-7, loss="time_sum"),
             "Zilly et al. ptb_sota: depth 10, 830 units, tied (23.5M parameters)",
         ),
         Preset(
@@ -198,7 +209,7 @@ PRESETS: dict[str, Preset] = {
             ModelConfig(cell="lstm", emb_size=650, hidden_size=650, num_layers=2, tie_weights=False,
                         dropout_input=0.5, dropout_output=0.5, init_scale=0.05),
             TrainConfig(optimizer="sgd", lr=1.0, lr_decay=1.2, decay_start=6, epochs=39, batch_size=20, bptt=35,
-                        clip=5.0),
+                        clip=5.0, loss="time_sum"),
             "Zaremba et al. medium: 2 x 650 LSTM, dropout 0.5, SGD",
         ),
     ]
