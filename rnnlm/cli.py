@@ -144,18 +144,49 @@ def train(
     """
     from rnnlm.train import train as train_fn
 
-    result = run(lambda: train_fn(cell=cell, preset=preset, level=level, data_dir=data_dir, out=out, epochs=epochs,
-                                  max_steps=max_steps, time_budget=time_budget, seed=seed, device=device, resume=resume,
-                                  force=force, overrides=overrides, dry_run=dry_run, tensorboard=tensorboard))
-    data = {"out": str(result.out), "epochs": result.epochs_done, "steps": result.steps,
-            "best_valid_ppl": result.best_valid_ppl, "interrupted": result.interrupted_by is not None,
-            "world_size": result.world_size}
+    result = run(lambda: _reported_once(lambda: train_fn(
+        cell=cell, preset=preset, level=level, data_dir=data_dir, out=out, epochs=epochs,
+        max_steps=max_steps, time_budget=time_budget, seed=seed, device=device, resume=resume,
+        force=force, overrides=overrides, dry_run=dry_run, tensorboard=tensorboard)))
     if result.rank == 0:  # under torchrun, one summary, not one per process
-        emit(data, as_json, f"best valid ppl {result.best_valid_ppl:.2f} after {result.steps} steps"
-             + ("" if dry_run else f"; checkpoint in {result.out}")
-             + (f" ({result.world_size} processes)" if result.world_size > 1 else ""))
+        data, text = _train_summary(result, dry_run)
+        emit(data, as_json, text)
     if result.exit_code:
         raise typer.Exit(result.exit_code)
+
+
+def _reported_once(fn: Callable[[], T]) -> T:
+    """Under torchrun, an error of rank 0 is printed by rank 0 alone: the other ranks exit with its code quietly."""
+    from rnnlm.distributed import ReportedByRank0
+
+    try:
+        return fn()
+    except ReportedByRank0 as e:
+        raise typer.Exit(e.code) from None
+
+
+def _train_summary(result: Any, dry_run: bool) -> tuple[dict[str, Any], str]:
+    """What a training run kept, as JSON and as one line: the model only exists after a validation."""
+    from rnnlm.checkpoint import TRAIN_STATE, WEIGHTS
+
+    out: Path = result.out
+    model_saved = not dry_run and (out / WEIGHTS).is_file()
+    state_saved = not dry_run and (out / TRAIN_STATE).is_file()
+    data = {"out": str(out), "epochs": result.epochs_done, "steps": result.steps,
+            "best_valid_ppl": result.best_valid_ppl, "interrupted": result.interrupted_by is not None,
+            "world_size": result.world_size, "model_saved": model_saved, "resume_state_saved": state_saved}
+    procs = f" ({result.world_size} processes)" if result.world_size > 1 else ""
+    if dry_run:
+        return data, f"best valid ppl {result.best_valid_ppl:.2f} after {result.steps} steps (dry run: nothing kept){procs}"
+    if model_saved:
+        text = f"best valid ppl {result.best_valid_ppl:.2f} after {result.steps} steps; checkpoint in {out}"
+        if result.interrupted_by is not None:
+            text += "; interrupted: continue with --resume"
+        return data, text + procs
+    text = f"stopped at step {result.steps} before the first validation: no model saved (no {out / WEIGHTS})"
+    if state_saved:
+        text += f"; the resume state is in {out / TRAIN_STATE}: continue with --resume"
+    return data, text + procs
 
 
 @app.command("eval")

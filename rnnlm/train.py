@@ -453,8 +453,8 @@ class _Log:
         self.console = Console(stderr=True)
 
     def __call__(self, message: str) -> None:
-        if not self.quiet:
-            self.console.print(message, highlight=False)
+        if not self.quiet:  # whole lines: rich would wrap at 80 columns when stderr is a file or a pipe
+            self.console.print(message, highlight=False, markup=False, soft_wrap=True)
 
     @contextlib.contextmanager
     def progress(self, total: int) -> Iterator[_Bar]:
