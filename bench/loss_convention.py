@@ -78,7 +78,7 @@ def report(args: argparse.Namespace) -> None:
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(title="loss")
-        ax.set_title("lstm-medium (2 x 200) on PTB, 30 CPU minutes each")
+        ax.set_title("lstm-medium (2 x 200) on PTB: 30 min wall clock each, side by side")
         fig.tight_layout()
         fig.savefig(args.png)
         print(f"\nwrote {args.png}")
