@@ -52,6 +52,12 @@ def emit(data: dict[str, Any], as_json: bool, text: str) -> None:
     typer.echo(json.dumps(data) if as_json else text)
 
 
+_LOSS_MEANING = {  # what `rnnlm info` says of TrainConfig.loss
+    "token_mean": "each window trains on the mean NLL over its T x B tokens",
+    "time_sum": "each window trains on the sum over its T steps of the batch-mean NLL (the paper's code)",
+}
+
+
 @app.command()
 def info(cell: CellOpt = None, preset: PresetOpt = None, overrides: SetOpt = None, as_json: JsonOpt = False) -> None:
     """Show a resolved model config and its parameter count; without options, list the presets.
@@ -65,8 +71,10 @@ def info(cell: CellOpt = None, preset: PresetOpt = None, overrides: SetOpt = Non
         from rnnlm.config import PRESETS, apply_overrides, resolve
 
         if cell is None and preset is None and not overrides:
-            rows = {name: {"cell": p.model.cell, "description": p.description} for name, p in PRESETS.items()}
-            emit({"presets": rows}, as_json, "\n".join(f"{n:26s} {r['cell']:10s} {r['description']}" for n, r in rows.items()))
+            rows = {name: {"cell": p.model.cell, "loss": p.train.loss, "description": p.description}
+                    for name, p in PRESETS.items()}
+            emit({"presets": rows}, as_json, "\n".join(f"{n:26s} {r['cell']:10s} {r['loss']:11s} {r['description']}"
+                                                       for n, r in rows.items()))
             return
         p = resolve(cell, preset)
         model_cfg, train_cfg = apply_overrides(p.model, p.train, overrides or [])
@@ -78,6 +86,7 @@ def info(cell: CellOpt = None, preset: PresetOpt = None, overrides: SetOpt = Non
         lines = [f"preset {p.name}: {p.description}", f"parameters: {n:,} ({n / 1e6:.2f}M)", "model:"]
         lines += [f"  {k} = {v}" for k, v in model_d.items()] + ["train:"]
         lines += [f"  {k} = {v}" for k, v in train_d.items()]
+        lines += [f"loss: {_LOSS_MEANING[train_cfg.loss]}"]
         emit(data, as_json, "\n".join(lines))
 
     run(body)

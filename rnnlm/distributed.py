@@ -31,9 +31,11 @@ the group, freeing it (when an exception's traceback is released, or by the cycl
 collector) runs ~ProcessGroupGloo, which joins the worker threads while holding the GIL: a worker
 still releasing such a work then waits for the GIL forever, and this rank hangs while the others
 wait for it in the next rendezvous. That is what hung tests/test_distributed.py when only rank 1
-saw an infinite loss. So :meth:`Comm.close` drops the Reducer, while the group is still
-registered, before :func:`process_group` destroys the group; torch's Python handle of the group
-then frees it last, and releases the GIL while the threads join.
+saw an infinite loss. So :meth:`Comm.close` drops DDP's Reducer and its handle of the group, while
+the group is still registered, before :func:`process_group` destroys the group: torch's Python
+handle of the group then frees it last, there and then, and releases the GIL while the threads
+join. (Left to a later garbage collection, or to interpreter exit, a worker thread that needs the
+GIL during finalization aborts the process: "terminate called without an active exception".)
 """
 
 from __future__ import annotations
@@ -197,9 +199,11 @@ class Comm:
         self._ddp: Any = None
 
     def close(self) -> None:
-        """Drop DDP's Reducer (and its Logger, which holds it) so that it cannot be the group's last owner."""
+        """Drop DDP's hold on the group: its Reducer (and the Logger that holds that) so that the Reducer
+        cannot be the group's last owner, and its Python handle, so that destroying the group frees it
+        now, its threads joined, and not at some later garbage collection or at interpreter exit."""
         if self._ddp is not None:
-            for name in ("logger", "reducer"):
+            for name in ("logger", "reducer", "process_group"):
                 if hasattr(self._ddp, name):
                     delattr(self._ddp, name)
             self._ddp = None

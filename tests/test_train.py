@@ -372,3 +372,35 @@ def test_each_epoch_starts_from_the_zero_state(tmp_path: Path, monkeypatch: pyte
     train(cell="lstm", corpus=tiny_corpus(), out=tmp_path, overrides=TINY, device="cpu", quiet=True, tensorboard=False)
     assert len(zero_at) == 50  # 2 epochs of 25 windows
     assert [i for i, zero in enumerate(zero_at) if zero] == [0, 25]
+
+
+def test_an_interrupt_before_the_first_validation_says_no_model_was_saved(tmp_path: Path) -> None:
+    from rnnlm.cli import _train_summary
+
+    def interrupt(step: int) -> None:
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    r = train(cell="lstm", corpus=tiny_corpus(), out=tmp_path, overrides=TINY, device="cpu", quiet=True,
+              on_step=interrupt, tensorboard=False)
+    data, text = _train_summary(r, dry_run=False)
+    assert r.interrupted_by == signal.SIGINT and not (tmp_path / "model.safetensors").exists()
+    assert data["model_saved"] is False and data["resume_state_saved"] is True
+    assert "before the first validation: no model saved" in text and "continue with --resume" in text
+    assert "best valid ppl" not in text and "checkpoint in" not in text
+    resumed = train(cell="lstm", corpus=tiny_corpus(), out=tmp_path, overrides=TINY, device="cpu", quiet=True,
+                    resume=True, max_steps=4, tensorboard=False)
+    data, text = _train_summary(resumed, dry_run=False)
+    assert data["model_saved"] is True and text.startswith("best valid ppl ") and f"checkpoint in {tmp_path}" in text
+
+
+def test_log_lines_are_whole_when_stderr_is_not_a_terminal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / ("a-long-directory-name-" * 4)  # the resume line alone is over 80 columns
+    train(cell="lstm", corpus=tiny_corpus(), out=out, overrides=TINY, device="cpu", max_steps=2, tensorboard=False)
+    train(cell="lstm", corpus=tiny_corpus(), out=out, overrides=TINY, device="cpu", max_steps=4, resume=True,
+          tensorboard=False)
+    lines = capsys.readouterr().err.splitlines()
+    summaries = [line for line in lines if "valid ppl" in line]
+    assert len(summaries) == 2 and all(line.rstrip().endswith("s") and "tok/s" in line for line in summaries), lines
+    resumed = [line for line in lines if line.startswith("resuming")]
+    assert len(resumed) == 1 and len(resumed[0]) > 80 and "step 2" in resumed[0], lines
