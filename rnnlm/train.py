@@ -436,9 +436,14 @@ def _check_same_run(out: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, c
     if Vocabulary.load(out / ckpt.VOCAB) != corpus.vocab:
         problems.append("the vocabulary differs from the data's")
     saved_train = json.loads((out / ckpt.TRAIN_CONFIG).read_text()) if (out / ckpt.TRAIN_CONFIG).exists() else None
-    if saved_train is not None and saved_train != dataclasses.asdict(train_cfg):
-        diffs = [k for k in saved_train if saved_train[k] != dataclasses.asdict(train_cfg).get(k)]
-        problems.append("training config differs (" + ", ".join(diffs) + ")")
+    if saved_train is not None:
+        # A key the run predates had its default's meaning then (a run before `loss` existed: token_mean).
+        saved_train = {**dataclasses.asdict(TrainConfig()), **saved_train}
+        now = dataclasses.asdict(train_cfg)
+        diffs = [f"{k}: {saved_train.get(k)} -> {now.get(k)}" for k in sorted(set(saved_train) | set(now))
+                 if saved_train.get(k) != now.get(k)]
+        if diffs:
+            problems.append("training config differs (" + ", ".join(diffs) + ")")
     if problems and not force:
         raise RnnlmError(f"refusing to resume {out}: " + "; ".join(problems) + " (pass --force to resume anyway)")
 

@@ -404,3 +404,20 @@ def test_log_lines_are_whole_when_stderr_is_not_a_terminal(tmp_path: Path, capsy
     assert len(summaries) == 2 and all(line.rstrip().endswith("s") and "tok/s" in line for line in summaries), lines
     resumed = [line for line in lines if line.startswith("resuming")]
     assert len(resumed) == 1 and len(resumed[0]) > 80 and "step 2" in resumed[0], lines
+
+
+def test_resume_of_a_run_from_before_the_loss_key(tmp_path: Path) -> None:
+    """A train_config.json written before `loss` existed meant the token mean: it resumes as that,
+    and a changed convention is refused by name."""
+    train(cell="lstm", corpus=tiny_corpus(), out=tmp_path, overrides=TINY, device="cpu", quiet=True, max_steps=2,
+          tensorboard=False)
+    path = tmp_path / TRAIN_CONFIG
+    old = json.loads(path.read_text())
+    del old["loss"]
+    path.write_text(json.dumps(old))
+    with pytest.raises(RnnlmError, match="loss: token_mean -> time_sum"):
+        train(cell="lstm", corpus=tiny_corpus(), out=tmp_path, overrides=[*TINY, "loss=time_sum"], device="cpu",
+              quiet=True, resume=True, max_steps=3, tensorboard=False)
+    r = train(cell="lstm", corpus=tiny_corpus(), out=tmp_path, overrides=TINY, device="cpu", quiet=True, resume=True,
+              max_steps=3, tensorboard=False)
+    assert r.steps == 3
