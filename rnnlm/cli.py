@@ -52,6 +52,12 @@ def emit(data: dict[str, Any], as_json: bool, text: str) -> None:
     typer.echo(json.dumps(data) if as_json else text)
 
 
+_LOSS_MEANING = {  # what `rnnlm info` says of TrainConfig.loss
+    "token_mean": "each window trains on the mean NLL over its T x B tokens",
+    "time_sum": "each window trains on the sum over its T steps of the batch-mean NLL (the paper's code)",
+}
+
+
 @app.command()
 def info(cell: CellOpt = None, preset: PresetOpt = None, overrides: SetOpt = None, as_json: JsonOpt = False) -> None:
     """Show a resolved model config and its parameter count; without options, list the presets.
@@ -65,8 +71,10 @@ def info(cell: CellOpt = None, preset: PresetOpt = None, overrides: SetOpt = Non
         from rnnlm.config import PRESETS, apply_overrides, resolve
 
         if cell is None and preset is None and not overrides:
-            rows = {name: {"cell": p.model.cell, "description": p.description} for name, p in PRESETS.items()}
-            emit({"presets": rows}, as_json, "\n".join(f"{n:26s} {r['cell']:10s} {r['description']}" for n, r in rows.items()))
+            rows = {name: {"cell": p.model.cell, "loss": p.train.loss, "description": p.description}
+                    for name, p in PRESETS.items()}
+            emit({"presets": rows}, as_json, "\n".join(f"{n:26s} {r['cell']:10s} {r['loss']:11s} {r['description']}"
+                                                       for n, r in rows.items()))
             return
         p = resolve(cell, preset)
         model_cfg, train_cfg = apply_overrides(p.model, p.train, overrides or [])
@@ -78,6 +86,7 @@ def info(cell: CellOpt = None, preset: PresetOpt = None, overrides: SetOpt = Non
         lines = [f"preset {p.name}: {p.description}", f"parameters: {n:,} ({n / 1e6:.2f}M)", "model:"]
         lines += [f"  {k} = {v}" for k, v in model_d.items()] + ["train:"]
         lines += [f"  {k} = {v}" for k, v in train_d.items()]
+        lines += [f"loss: {_LOSS_MEANING[train_cfg.loss]}"]
         emit(data, as_json, "\n".join(lines))
 
     run(body)
@@ -161,20 +170,16 @@ def train(
     """
     from rnnlm.train import train as train_fn
 
-    text = {"lowercase": lowercase, "numbers": numbers, "blank_lines": blank_lines}
-    settings = [*(overrides or []), *(f"{k}={v}" for k, v in text.items() if v is not None)]
-    result = run(lambda: train_fn(cell=cell, preset=preset, level=level, data_dir=data_dir, out=out, epochs=epochs,
-                                  max_steps=max_steps, time_budget=time_budget, seed=seed, device=device, resume=resume,
-                                  force=force, overrides=settings, dry_run=dry_run, tensorboard=tensorboard,
-                                  files=own_files(train_file, valid_file, test_file), vocab_size=vocab_size,
-                                  min_count=min_count))
-    data = {"out": str(result.out), "epochs": result.epochs_done, "steps": result.steps,
-            "best_valid_ppl": result.best_valid_ppl, "interrupted": result.interrupted_by is not None,
-            "world_size": result.world_size}
+    normalization = {"lowercase": lowercase, "numbers": numbers, "blank_lines": blank_lines}
+    settings = [*(overrides or []), *(f"{k}={v}" for k, v in normalization.items() if v is not None)]
+    result = run(lambda: _reported_once(lambda: train_fn(
+        cell=cell, preset=preset, level=level, data_dir=data_dir, out=out, epochs=epochs,
+        max_steps=max_steps, time_budget=time_budget, seed=seed, device=device, resume=resume,
+        force=force, overrides=settings, dry_run=dry_run, tensorboard=tensorboard,
+        files=own_files(train_file, valid_file, test_file), vocab_size=vocab_size, min_count=min_count)))
     if result.rank == 0:  # under torchrun, one summary, not one per process
-        emit(data, as_json, f"best valid ppl {result.best_valid_ppl:.2f} after {result.steps} steps"
-             + ("" if dry_run else f"; checkpoint in {result.out}")
-             + (f" ({result.world_size} processes)" if result.world_size > 1 else ""))
+        data, text = _train_summary(result, dry_run)
+        emit(data, as_json, text)
     if result.exit_code:
         raise typer.Exit(result.exit_code)
 
@@ -190,6 +195,40 @@ def own_files(train: Path | None, valid: Path | None, test: Path | None) -> Any:
     from rnnlm.data import DataFiles
 
     return DataFiles(train, valid, test)
+
+
+def _reported_once(fn: Callable[[], T]) -> T:
+    """Under torchrun, an error of rank 0 is printed by rank 0 alone: the other ranks exit with its code quietly."""
+    from rnnlm.distributed import ReportedByRank0
+
+    try:
+        return fn()
+    except ReportedByRank0 as e:
+        raise typer.Exit(e.code) from None
+
+
+def _train_summary(result: Any, dry_run: bool) -> tuple[dict[str, Any], str]:
+    """What a training run kept, as JSON and as one line: the model only exists after a validation."""
+    from rnnlm.checkpoint import TRAIN_STATE, WEIGHTS
+
+    out: Path = result.out
+    model_saved = not dry_run and (out / WEIGHTS).is_file()
+    state_saved = not dry_run and (out / TRAIN_STATE).is_file()
+    data = {"out": str(out), "epochs": result.epochs_done, "steps": result.steps,
+            "best_valid_ppl": result.best_valid_ppl, "interrupted": result.interrupted_by is not None,
+            "world_size": result.world_size, "model_saved": model_saved, "resume_state_saved": state_saved}
+    procs = f" ({result.world_size} processes)" if result.world_size > 1 else ""
+    if dry_run:
+        return data, f"best valid ppl {result.best_valid_ppl:.2f} after {result.steps} steps (dry run: nothing kept){procs}"
+    if model_saved:
+        text = f"best valid ppl {result.best_valid_ppl:.2f} after {result.steps} steps; checkpoint in {out}"
+        if result.interrupted_by is not None:
+            text += "; interrupted: continue with --resume"
+        return data, text + procs
+    text = f"stopped at step {result.steps} before the first validation: no model saved (no {out / WEIGHTS})"
+    if state_saved:
+        text += f"; the resume state is in {out / TRAIN_STATE}: continue with --resume"
+    return data, text + procs
 
 
 @app.command("eval")

@@ -9,20 +9,40 @@ of the batch's B parallel streams; DistributedDataParallel averages the gradient
        1 [ b h n t ]                       ...                  ...
 
 Each rank carries its own streams' state through truncated BPTT, and the union of the ranks'
-streams is exactly the single-process batch. Every rank's loss is the mean over T·B/W tokens, so
-the mean of the ranks' gradients (what DDP's all-reduce computes during backward) is the gradient
-of the mean over all T·B tokens: the single-process gradient. Clipping runs after backward, on the
-averaged gradient, so every rank clips the same global norm and takes the same step.
+streams is exactly the single-process batch. Every rank's loss is its own streams' mean over the
+batch (B/W of them), summed or averaged over time as TrainConfig.loss says, plus the same L2 term,
+so the mean of the ranks' gradients (what DDP's all-reduce computes during backward) is the
+single-process gradient over all B streams. Clipping runs after backward, on the averaged
+gradient, so every rank clips the same global norm and takes the same step.
 
 Only rank 0 touches the output directory, reads included: it loads the resume state and
 broadcasts it, and writes every file. Whatever only one rank can know (a non-finite loss, a
 signal, rank 0's clock, an error on rank 0) is shared by a collective, so that all ranks leave
 the loop at the same step and none waits forever in a collective the others have left.
+
+Every collective has a timeout (``RNNLM_COLLECTIVE_TIMEOUT`` seconds, default 1800, as torch's):
+a rank stuck in one, or left alone in one by a rank that died, fails with a message naming it.
+
+Leaving the group takes care of one hazard of gloo. DDP's Reducer holds the process group from
+C++, and the gradient all-reduces it starts inside backward carry a Python object in their
+thread-local state (the contextvars context that torch stashes there during backward), so a gloo
+worker thread needs the GIL to drop the last reference to one. If the Reducer is the last owner of
+the group, freeing it (when an exception's traceback is released, or by the cyclic garbage
+collector) runs ~ProcessGroupGloo, which joins the worker threads while holding the GIL: a worker
+still releasing such a work then waits for the GIL forever, and this rank hangs while the others
+wait for it in the next rendezvous. That is what hung tests/test_distributed.py when only rank 1
+saw an infinite loss. So :meth:`Comm.close` drops DDP's Reducer and its handle of the group, while
+the group is still registered, before :func:`process_group` destroys the group: torch's Python
+handle of the group then frees it last, there and then, and releases the GIL while the threads
+join. (Left to a later garbage collection, or to interpreter exit, a worker thread that needs the
+GIL during finalization aborts the process: "terminate called without an active exception".)
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -37,6 +57,27 @@ from rnnlm.errors import RnnlmError
 
 T = TypeVar("T")
 TORCHRUN_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+TIMEOUT_VAR = "RNNLM_COLLECTIVE_TIMEOUT"
+DEFAULT_TIMEOUT_S = 1800.0  # torch's own default for gloo; a validation on rank 0 must fit in it
+
+
+class ReportedByRank0(RnnlmError):
+    """An error rank 0 hit and reports; the other ranks raise this copy so that they stop too.
+    The CLI exits with its code without printing it again."""
+
+
+def collective_timeout() -> datetime.timedelta:
+    """How long any collective may wait: ``$RNNLM_COLLECTIVE_TIMEOUT`` seconds, else 30 minutes."""
+    text = os.environ.get(TIMEOUT_VAR, "").strip()
+    if not text:
+        return datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not seconds > 0 or math.isinf(seconds):
+        raise RnnlmError(f"{TIMEOUT_VAR}={text!r}: expected a number of seconds > 0")
+    return datetime.timedelta(seconds=seconds)
 
 
 @dataclass(frozen=True)
@@ -108,28 +149,73 @@ def process_group(world: World, device: torch.device) -> Iterator[Comm]:
     if not world.parallel:
         yield Comm(world, device)
         return
+    timeout = collective_timeout()
     owned = not dist.is_initialized()
     if owned:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                rank=world.rank, world_size=world.size)
+        try:
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                    rank=world.rank, world_size=world.size, timeout=timeout)
+        except (RuntimeError, ValueError) as e:  # the rendezvous timed out, or the address is unusable
+            raise _comm_error(world, "joining the process group", timeout, e) from None
     elif (dist.get_rank(), dist.get_world_size()) != (world.rank, world.size):
         raise RnnlmError(f"the initialised process group is rank {dist.get_rank()} of {dist.get_world_size()}, "
                          f"but the environment says rank {world.rank} of {world.size}")
+    comm = Comm(world, device, timeout)
     try:
-        yield Comm(world, device)
+        yield comm
+    except RuntimeError as e:
+        if not _is_comm_failure(e):
+            raise
+        raise _comm_error(world, "a collective of training (DDP's gradient all-reduce)", timeout, e) from None
     finally:
+        comm.close()  # first: the Reducer must not outlive the group's registration (module docstring)
         if owned and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _is_comm_failure(e: BaseException) -> bool:
+    """A collective that timed out or lost its peer (gloo and NCCL say so in a RuntimeError)."""
+    text = str(e)
+    return isinstance(e, dist.DistError) or any(
+        marker in text for marker in ("Timed out", "timed out", "Connection closed", "pair closure", "NCCL", "gloo"))
+
+
+def _comm_error(world: World, what: str, timeout: datetime.timedelta, e: BaseException) -> RnnlmError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return RnnlmError(f"rank {world.rank} of {world.size}: {what} failed: {first}. Another rank is stuck or "
+                      f"has stopped; every collective waits at most {timeout.total_seconds():g} s "
+                      f"(set {TIMEOUT_VAR} in seconds to change that)", code=1)
 
 
 class Comm:
     """The collectives training needs. With one process each is the identity and sends nothing, so
     the single-process program is the same code with every exchange a no-op."""
 
-    def __init__(self, world: World, device: torch.device) -> None:
-        self.world, self.device = world, device
+    def __init__(self, world: World, device: torch.device,
+                 timeout: datetime.timedelta = datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)) -> None:
+        self.world, self.device, self.timeout = world, device, timeout
         self.rank, self.size, self.parallel = world.rank, world.size, world.parallel
         self.main = world.rank == 0
+        self._ddp: Any = None
+
+    def close(self) -> None:
+        """Drop DDP's hold on the group: its Reducer (and the Logger that holds that) so that the Reducer
+        cannot be the group's last owner, and its Python handle, so that destroying the group frees it
+        now, its threads joined, and not at some later garbage collection or at interpreter exit."""
+        if self._ddp is not None:
+            for name in ("logger", "reducer", "process_group"):
+                if hasattr(self._ddp, name):
+                    delattr(self._ddp, name)
+            self._ddp = None
+
+    def _collective(self, what: str, fn: Callable[[], T]) -> T:
+        """Run one collective; a timeout or a lost peer becomes an RnnlmError naming this rank."""
+        try:
+            return fn()
+        except RuntimeError as e:
+            if not _is_comm_failure(e):
+                raise
+            raise _comm_error(self.world, what, self.timeout, e) from None
 
     def shard(self, data: npt.NDArray[np.integer]) -> npt.NDArray[np.integer]:
         """This rank's streams of batchified data: (N, B) -> (N, B / W), contiguous rows."""
@@ -147,11 +233,13 @@ class Comm:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids, output_device=ids[0] if ids else None)
+        self._ddp = self._collective("DDP's broadcast of rank 0's weights", lambda: DistributedDataParallel(
+            model, device_ids=ids, output_device=ids[0] if ids else None))
+        return self._ddp
 
     def _reduce(self, values: Sequence[float], op: Any) -> list[float]:
         t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=op)
+        self._collective("an all-reduce of the step's flags", lambda: dist.all_reduce(t, op=op))
         return [float(v) for v in t.tolist()]
 
     def all_sum(self, values: Sequence[float]) -> list[float]:
@@ -169,7 +257,7 @@ class Comm:
         if not self.parallel:
             return [obj]
         out: list[Any] | None = [None] * self.size if self.main else None
-        dist.gather_object(obj, out, dst=0)
+        self._collective("gathering the ranks' resume state", lambda: dist.gather_object(obj, out, dst=0))
         return out
 
     def on_main(self, fn: Callable[..., T], *args: Any) -> T:
@@ -186,10 +274,11 @@ class Comm:
                 error, box[0] = e, ("error", e.message, e.code)
             except BaseException as e:
                 error, box[0] = e, ("error", f"rank 0 failed: {type(e).__name__}: {e}", 1)
-        dist.broadcast_object_list(box, src=0)
+        self._collective("waiting for rank 0 (validation, checkpoint files)",
+                         lambda: dist.broadcast_object_list(box, src=0))
         if error is not None:
             raise error
         if box[0][0] == "error":
-            raise RnnlmError(box[0][1], code=box[0][2])
+            raise ReportedByRank0(box[0][1], code=box[0][2])
         result: T = box[0][1]
         return result

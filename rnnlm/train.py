@@ -1,9 +1,11 @@
 """The training program: truncated BPTT with the state carried, SGD or Adam, exact resume.
 
-    for epoch:                                   lr = lr0 / lr_decay ** max(0, epoch - decay_start)
+    for epoch (from 0):                          lr = lr0 / lr_decay ** max(0, epoch + 1 - max(1, decay_start))
+        state = zeros
         for window (x, y) of the B parallel streams (T steps each):
             logits, state = model(x, state)       new dropout masks per window (one sequence)
-            loss.backward(); clip global norm; optimizer.step(); state = state.detach()
+            objective(loss).backward()            token mean or time sum (cfg.loss), + L2
+            clip global norm; optimizer.step(); state = state.detach()
         validate; keep the best weights; write metrics, curves and the resume state
 
 Ctrl-C or SIGTERM finishes the current step, writes the resume state and exits 130 or 143.
@@ -109,10 +111,26 @@ def learning_rate(cfg: TrainConfig, epoch: int) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    # L2 in the loss: weight_decay adds wd * w to the gradient in both optimizers (not AdamW's decoupling).
+    # No weight_decay here: L2 is a term of the loss (see objective), so it is clipped with the rest of
+    # the gradient, as in the RHN reference code. The optimizer's own weight_decay would add wd * w after
+    # clipping instead.
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+
+def objective(nll: torch.Tensor, steps: int, cfg: TrainConfig, model: torch.nn.Module) -> torch.Tensor:
+    """The loss one window is trained on, from ``nll``, the mean NLL over its ``steps`` x B tokens.
+
+    ``cfg.loss`` (see rnnlm.config.LOSSES): token_mean trains on ``nll`` itself; time_sum on the sum
+    over the window's time steps of the mean over the batch, which is ``steps * nll`` since every
+    position of a window is a real token. Then L2 over every parameter, as the RHN reference adds
+    ``weight_decay * sum(tf.nn.l2_loss(v) for v in trainable_variables)`` (tied weights count once).
+    """
+    loss = nll * steps if cfg.loss == "time_sum" else nll
+    if cfg.weight_decay:
+        loss = loss + 0.5 * cfg.weight_decay * sum((p * p).sum() for p in model.parameters())
+    return loss
 
 
 def _check_writable(out: Path) -> None:
@@ -266,6 +284,8 @@ def _run(
         model.load_state_dict(saved["model"])
         if saved.get("optimizer_name") == train_cfg.optimizer:
             optimizer.load_state_dict(saved["optimizer"])
+            for group in optimizer.param_groups:  # a run saved before L2 moved into the loss kept it here
+                group["weight_decay"] = 0.0
         else:  # only reachable with --force: the moments of another optimizer do not carry over
             log(f"the optimizer changed to {train_cfg.optimizer}: starting its state fresh")
         epoch, window, step = saved["epoch"], saved["window"], saved["step"]
@@ -345,15 +365,17 @@ def _run(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             model.train()
+            if window == 0:  # each epoch starts from the zero state, as ptb_word_lm and the RHN code do:
+                state = model.init_state(train_data.shape[1], dev)  # the carry would be another stream's end
             epoch_nll, epoch_tokens, t0 = 0.0, 0, time.monotonic()
             bar.start_epoch(epoch, window)
             out_of_budget = False
             for index, x_np, y_np in windows.windows(window):
                 x, y = torch.from_numpy(x_np).to(dev), torch.from_numpy(y_np).to(dev)
                 logits, state = net(x, state)
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))  # token mean: reported
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()  # under DDP the gradients arrive averaged over the ranks
+                objective(loss, x.shape[0], train_cfg, model).backward()  # under DDP: averaged over the ranks
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.clip or math.inf)
                 # A loss is one rank's own: sum the losses and the non-finite flags over the ranks.
                 loss_sum, bad_loss, bad_norm = comm.all_sum(
@@ -449,9 +471,14 @@ def _check_same_run(out: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, c
     if Vocabulary.load(out / ckpt.VOCAB) != corpus.vocab:
         problems.append("the vocabulary differs from the data's")
     saved_train = json.loads((out / ckpt.TRAIN_CONFIG).read_text()) if (out / ckpt.TRAIN_CONFIG).exists() else None
-    if saved_train is not None and saved_train != dataclasses.asdict(train_cfg):
-        diffs = [k for k in saved_train if saved_train[k] != dataclasses.asdict(train_cfg).get(k)]
-        problems.append("training config differs (" + ", ".join(diffs) + ")")
+    if saved_train is not None:
+        # A key the run predates had its default's meaning then (a run before `loss` existed: token_mean).
+        saved_train = {**dataclasses.asdict(TrainConfig()), **saved_train}
+        now = dataclasses.asdict(train_cfg)
+        diffs = [f"{k}: {saved_train.get(k)} -> {now.get(k)}" for k in sorted(set(saved_train) | set(now))
+                 if saved_train.get(k) != now.get(k)]
+        if diffs:
+            problems.append("training config differs (" + ", ".join(diffs) + ")")
     if problems and not force:
         raise RnnlmError(f"refusing to resume {out}: " + "; ".join(problems) + " (pass --force to resume anyway)")
 
@@ -466,8 +493,8 @@ class _Log:
         self.console = Console(stderr=True)
 
     def __call__(self, message: str) -> None:
-        if not self.quiet:
-            self.console.print(message, highlight=False)
+        if not self.quiet:  # whole lines: rich would wrap at 80 columns when stderr is a file or a pipe
+            self.console.print(message, highlight=False, markup=False, soft_wrap=True)
 
     @contextlib.contextmanager
     def progress(self, total: int) -> Iterator[_Bar]:

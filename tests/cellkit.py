@@ -90,12 +90,13 @@ def np_ln(x: np.ndarray, norm: GateLayerNorm | None) -> np.ndarray:
     return (((xg - mu) / np.sqrt(var + norm.eps)) * g + b).reshape(x.shape)
 
 
-def np_lstm_step(cell: LSTMCell, x: np.ndarray, h: np.ndarray, c: np.ndarray, mask: Any = 1.0):
+def np_lstm_step(cell: LSTMCell, x: np.ndarray, h: np.ndarray, c: np.ndarray, mask: Any = 1.0,
+                 forget_bias: float = 0.0):
     """LSTM of lstm.py's docstring, gate order i, f, g, o; ``mask`` multiplies the candidate."""
     gates = x @ n(cell.input_proj.weight).T + n(cell.input_proj.bias) + h @ n(cell.hidden_proj.weight).T
     gates = np_ln(gates, cell.gate_norm)
     i, f, g, o = np.split(gates, 4, axis=-1)
-    c = sig(f) * c + sig(i) * (np.tanh(g) * mask)
+    c = sig(f + forget_bias) * c + sig(i) * (np.tanh(g) * mask)
     h = sig(o) * np.tanh(np_ln(c, cell.cell_norm))
     return h, c
 
@@ -132,14 +133,15 @@ def np_rhn(cell: RHNCell, xs: np.ndarray, state: RHNState, mask: Any = 1.0):
 
 
 def np_hyper(cell: HyperLSTMCell, xs: np.ndarray, state: HyperState, mask: Any = 1.0):
-    """The ANCHORS HyperLSTM (z from ĥ_t), main gate order i, g, f, o, written gate by gate."""
+    """The ANCHORS HyperLSTM (z from ĥ_t), main gate order i, g, f, o, written gate by gate, with the
+    authors' supercell forget bias of 1 in both cells."""
     Hs, Nz = cell.hidden_size, cell.hyper_embed
     h, c, hh, hc = (n(t) for t in state)
     Wx, Wh = n(cell.input_proj.weight), n(cell.hidden_proj.weight)  # (4H, IN), (4H, H)
     Dh, Dx, Db, b0 = n(cell.d_h), n(cell.d_x), n(cell.d_b), n(cell.bias)
     ys = []
     for x in xs:
-        hh, hc = np_lstm_step(cell.hyper, np.concatenate([x, h], axis=-1), hh, hc)
+        hh, hc = np_lstm_step(cell.hyper, np.concatenate([x, h], axis=-1), hh, hc, forget_bias=1.0)  # supercell
         zh = hh @ n(cell.z_h.weight).T + n(cell.z_h.bias)
         zx = hh @ n(cell.z_x.weight).T + n(cell.z_x.bias)
         zb = hh @ n(cell.z_b.weight).T
@@ -150,7 +152,7 @@ def np_hyper(cell: HyperLSTMCell, xs: np.ndarray, state: HyperState, mask: Any =
             gates.append(d_h * (h @ Wh[rows].T) + d_x * (x @ Wx[rows].T) + bias)
         gates_all = np_ln(np.concatenate(gates, axis=-1), cell.gate_norm)
         i, g, f, o = np.split(gates_all, 4, axis=-1)
-        c = sig(f) * c + sig(i) * (np.tanh(g) * mask)
+        c = sig(f + 1.0) * c + sig(i) * (np.tanh(g) * mask)  # supercell's forget_bias=1.0
         h = sig(o) * np.tanh(np_ln(c, cell.cell_norm))
         ys.append(h)
     return np.stack(ys), (h, c, hh, hc)
@@ -160,4 +162,5 @@ NP_REFERENCE = {"lstm": np_lstm, "rhn": np_rhn, "hypernets": np_hyper}
 
 
 def sequence_dropouts(module: nn.Module) -> list[SequenceDropout]:
-    return [m for m in module.modules() if isinstance(m, SequenceDropout)]
+    """The variational dropouts that drop something (HyperLSTM's hyper cell has one at p = 0)."""
+    return [m for m in module.modules() if isinstance(m, SequenceDropout) and m.p > 0]

@@ -116,3 +116,25 @@ def test_config_json_bad_value_type_is_refused() -> None:
     data = json.loads(PRESETS["rhn-paper"].model.to_json())
     with pytest.raises(RnnlmError, match="hidden_size"):
         ModelConfig.from_dict({**data, "hidden_size": "830"})
+
+
+def test_learning_rate_schedule_is_the_reference_codes() -> None:
+    """Epoch i counts from 0. ptb_word_lm: lr * 0.8 ** max(i + 1 - max_epoch, 0) (rnnlm divides by
+    1 / 0.8); the RHN code: lr / lr_decay ** max(i - max_epoch + 1, 0); both hold lr for max_epoch
+    epochs. decay_start 0 holds it for one epoch, like 1."""
+    from rnnlm.train import learning_rate
+
+    tf = TrainConfig(optimizer="sgd", lr=1.0, lr_decay=1.25, decay_start=6)
+    rhn = PRESETS["rhn-paper"].train
+    for i in range(40):
+        assert learning_rate(tf, i) == pytest.approx(1.0 * 0.8 ** max(i + 1 - 6, 0), rel=1e-12)
+        assert learning_rate(rhn, i) == pytest.approx(0.2 / 1.02 ** max(i - 20 + 1, 0), rel=1e-12)
+    assert [learning_rate(TrainConfig(lr=1.0, lr_decay=2.0, decay_start=d), 1) for d in (0, 1, 2)] == [0.5, 0.5, 1.0]
+
+
+def test_loss_convention_is_a_checked_train_key() -> None:
+    assert TrainConfig().loss == "token_mean"
+    with pytest.raises(RnnlmError, match="loss must be one of token_mean, time_sum"):
+        TrainConfig(loss="sum")
+    _, t = apply_overrides(ModelConfig(), TrainConfig(), ["loss=time_sum"])
+    assert t.loss == "time_sum"

@@ -38,6 +38,7 @@ LR = 0.5
 SGD = [*TINY, *NO_DROPOUT, "optimizer=sgd", f"lr={LR}", "epochs=1"]  # + the clip chosen by the `ddp` fixture
 DROPOUT = [*TINY, "epochs=1"]  # the presets' dropout: masks differ per rank, resume must restore each rank's RNG
 ATOL = 2e-6  # float32, summed in another order by two ranks
+STUCK_TIMEOUT_S, STUCK_SLEEP_S = 8, 20  # the "stuck" scenario: the collective timeout, rank 1's stall
 
 WORKER = r"""
 import json, os, shutil, signal, sys, time, types
@@ -111,13 +112,24 @@ rnnlm.train.time = time
 
 run("ws-refused", cell="lstm", out=f"{runs}/from-single", overrides=sgd, max_steps=4, resume=True)
 run("ws-forced", cell="lstm", out=f"{runs}/from-single", overrides=sgd, max_steps=4, resume=True, force=True)
-os.environ["MASTER_PORT"] = str(spec["ports"].pop())
+
+os.environ["RNNLM_COLLECTIVE_TIMEOUT"] = str(spec["stuck_timeout"])
+stepped = []
+def stall(step):  # rank 1 stops answering after step 2: rank 0 must give up after the timeout, not wait
+    stepped.append(time.monotonic())
+    if rank == 1 and step == 2:
+        time.sleep(spec["stuck_sleep"])
+run("stuck", cell="lstm", out=f"{runs}/stuck", overrides=TINY, on_step=stall)
+record["stuck"]["waited_s"] = time.monotonic() - stepped[-1]  # from this rank's last step to its error
+del os.environ["RNNLM_COLLECTIVE_TIMEOUT"]
 
 from typer.testing import CliRunner
 from rnnlm.cli import app
-cli = CliRunner().invoke(app, ["train", "--cell", "lstm", "--data-dir", spec["data"], "--out", f"{runs}/cli",
-                               "--device", "cpu", "--max-steps", "3", *[a for kv in TINY for a in ("--set", kv)]])
-record["cli"] = {"exit_code": cli.exit_code, "output": cli.output}
+for name in ("cli", "cli-again"):  # the second finds the first's run in --out: one error line, on rank 0
+    os.environ["MASTER_PORT"] = str(spec["ports"].pop())
+    cli = CliRunner().invoke(app, ["train", "--cell", "lstm", "--data-dir", spec["data"], "--out", f"{runs}/cli",
+                                   "--device", "cpu", "--max-steps", "3", *[a for kv in TINY for a in ("--set", kv)]])
+    record[name] = {"exit_code": cli.exit_code, "output": cli.output}
 record["events"] = events
 Path(spec["results"], f"rank{rank}.json").write_text(json.dumps(record))
 """
@@ -196,7 +208,8 @@ def launch(root: Path, timeout_s: float = 240) -> dict[str, Any]:
 
     spec = root / "spec.json"
     spec.write_text(json.dumps({"tests": str(Path(__file__).parent), "runs": str(runs), "results": str(results),
-                                "clip": clip, "data": str(root / "data"), "ports": _free_ports(12)}))
+                                "clip": clip, "data": str(root / "data"), "ports": _free_ports(14),
+                                "stuck_timeout": STUCK_TIMEOUT_S, "stuck_sleep": STUCK_SLEEP_S}))
     (root / "worker.py").write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
@@ -282,6 +295,16 @@ def test_a_loss_only_one_rank_sees_as_infinite_stops_both(ddp: dict[str, Any]) -
         assert r["inf"]["code"] == 3 and "diverged at step 3: the loss is not finite" in r["inf"]["error"]
 
 
+def test_a_rank_stuck_in_a_collective_fails_both_with_a_message_naming_the_rank(ddp: dict[str, Any]) -> None:
+    for rank, r in enumerate(ddp["ranks"]):
+        stuck = r["stuck"]
+        assert stuck["code"] == 1 and stuck["error"].startswith(f"rank {rank} of 2: "), stuck
+        assert "RNNLM_COLLECTIVE_TIMEOUT" in stuck["error"]
+    # Rank 0 gave up after the timeout, long before rank 1 woke up; rank 1 then found rank 0 gone.
+    assert STUCK_TIMEOUT_S - 1 < ddp["ranks"][0]["stuck"]["waited_s"] < STUCK_SLEEP_S - 2
+    assert ddp["ranks"][1]["stuck"]["waited_s"] > STUCK_SLEEP_S
+
+
 def test_the_time_budget_is_read_from_rank_0s_clock(ddp: dict[str, Any]) -> None:
     r0, r1 = ddp["ranks"]
     assert r0["budget"]["steps"] == r1["budget"]["steps"] > 5  # rank 1's fast clock alone would stop at step 1
@@ -306,6 +329,14 @@ def test_the_cli_under_torchrun_reports_on_rank_0_only(ddp: dict[str, Any]) -> N
     assert "step 3  train ppl" in r0["cli"]["output"]
     assert "epoch" not in r1["cli"]["output"]
     assert (ddp["runs"] / "cli" / "model.safetensors").is_file()
+
+
+def test_an_output_collision_is_one_line_on_rank_0_and_exit_2_everywhere(ddp: dict[str, Any]) -> None:
+    r0, r1 = (r["cli-again"] for r in ddp["ranks"])
+    assert r0["exit_code"] == r1["exit_code"] == 2
+    lines = r0["output"].strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "already holds a training run" in lines[0], lines
+    assert r1["output"] == ""
 
 
 def test_detect_reads_torchrun_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -14,10 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from rnnlm.checkpoint import load_model_dir, save_model_dir
-from rnnlm.data import Corpus, Vocabulary
+from rnnlm.checkpoint import TRAIN_CONFIG, load_model_dir, read_config, save_model_dir
+from rnnlm.config import PRESETS, apply_overrides
+from rnnlm.data import Corpus, Vocabulary, batchify
 from rnnlm.errors import RnnlmError
 from rnnlm.evaluate import evaluate
+from rnnlm.model import LanguageModel
 from rnnlm.train import train
 
 torch.set_num_threads(1)
@@ -256,3 +260,164 @@ def test_tensorboard_summaries_hold_the_losses_and_the_metrics_and_continue_on_r
     quiet = train(cell="lstm", corpus=corpus, out=tmp_path / "off", overrides=TINY, device="cpu", quiet=True,
                   max_steps=3, tensorboard=False)
     assert not (quiet.out / "tensorboard").exists()
+
+
+# ------------------------------------------------------------------ the paper presets' training step
+
+
+SMALL = ["emb_size=16", "hidden_size=16", "batch_size=4", "bptt=6", "rhn_depth=2", "hyper_size=8", "level=word",
+         "dropout_emb=0", "dropout_input=0", "dropout_recurrent=0", "dropout_output=0", "recurrent_dropout=0"]
+# Per preset: the extra overrides of its small copy. rhn-paper's L2 of 1e-7 would not move a float32
+# weight, so its copy uses 0.05. The SGD copies get a clip between their token-mean and time-sum
+# gradient norms (the presets' 5 and 10 are for the full-size models), so that the step tells the
+# two conventions apart and the clip fires.
+PAPER_STEP = {
+    "lstm-medium": [],
+    "rhn-paper": ["weight_decay=0.05"],
+    "hypernets-char-paper": ["emb_size=8"],
+    "hypernets-char-paper-ln": ["emb_size=8"],
+}
+
+
+def _reference_gradient(model: LanguageModel, x: torch.Tensor, y: torch.Tensor, convention: str,
+                        weight_decay: float) -> list[torch.Tensor]:
+    """d(loss)/d(parameters) of the reference loss, written out: the NLL of every token, averaged
+    over the batch at each time step, then summed over the steps (time_sum, the TF ptb_word_lm and
+    RHN code) or averaged over them too (token_mean); plus weight_decay * sum(|w|^2) / 2 over every
+    parameter, tied ones once (the RHN code's tf.nn.l2_loss over all trainable variables)."""
+    params = list(model.parameters())
+    logits, _ = model(x, model.init_state(x.shape[1]))  # (T, B, V) from the zero state
+    nll = -torch.log_softmax(logits, dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)  # (T, B)
+    per_step = torch.stack([nll[t].mean() for t in range(nll.shape[0])])  # mean over the batch
+    loss = per_step.sum() if convention == "time_sum" else per_step.mean()
+    loss = loss + 0.5 * weight_decay * sum((p * p).sum() for p in params)
+    return list(torch.autograd.grad(loss, params))
+
+
+def _global_norm(grads: list[torch.Tensor]) -> float:
+    return math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
+
+
+def _clip(grads: list[torch.Tensor], clip: float) -> list[torch.Tensor]:
+    scale = min(1.0, clip / (_global_norm(grads) + 1e-6))  # tf.clip_by_global_norm, as torch's clip_grad_norm_
+    return [g * scale for g in grads]
+
+
+def _step(p0: list[torch.Tensor], grads: list[torch.Tensor], optimizer: str, lr: float) -> list[torch.Tensor]:
+    if optimizer == "sgd":
+        return [p - lr * g for p, g in zip(p0, grads, strict=True)]
+    # Adam's first step: m = (1 - b1) g and v = (1 - b2) g^2, bias-corrected to g and g^2.
+    return [p - lr * g / (g.abs() + 1e-8) for p, g in zip(p0, grads, strict=True)]
+
+
+@pytest.mark.parametrize("preset", list(PAPER_STEP))
+def test_one_step_of_each_paper_preset_is_the_reference_update(tmp_path: Path, preset: str) -> None:
+    corpus, paper = tiny_corpus(), PRESETS[preset]
+    overrides = [*SMALL, *PAPER_STEP[preset]]
+    model_cfg, train_cfg = apply_overrides(paper.model, paper.train, overrides)
+    cfg = dataclasses.replace(model_cfg, vocab_size=len(corpus.vocab))
+    torch.manual_seed(train_cfg.seed)  # the initial weights, as train() draws them
+    model = LanguageModel(cfg).train()
+    p0 = [p.detach().clone() for p in model.parameters()]
+    data = torch.from_numpy(batchify(corpus.train, train_cfg.batch_size))
+    x, y = data[: train_cfg.bptt], data[1 : train_cfg.bptt + 1]  # the first window, from the zero state
+    if train_cfg.optimizer == "sgd":
+        g_mean = _global_norm(_reference_gradient(model, x, y, "token_mean", 0.0))
+        overrides.append(f"clip={g_mean * math.sqrt(train_cfg.bptt)}")  # T * g_mean > clip > g_mean
+
+    run = train(preset=preset, corpus=corpus, out=tmp_path / "run", overrides=overrides, device="cpu", quiet=True,
+                max_steps=1, tensorboard=False)
+    assert read_config(run.out) == cfg
+    tcfg = json.loads((run.out / TRAIN_CONFIG).read_text())  # what the run recorded
+    assert (tcfg["loss"], tcfg["optimizer"], tcfg["lr"]) == (paper.train.loss, paper.train.optimizer, paper.train.lr)
+    assert tcfg["loss"] == ("time_sum" if paper.train.optimizer == "sgd" else "token_mean")
+    wd = tcfg["weight_decay"]
+
+    def update(convention: str, l2: str = "in the loss") -> list[torch.Tensor]:
+        g = _reference_gradient(model, x, y, convention, wd if l2 == "in the loss" else 0.0)
+        g = _clip(g, tcfg["clip"])
+        if l2 == "after the clip":  # what torch's optimizer weight_decay would do
+            g = [t + wd * p for t, p in zip(g, p0, strict=True)]
+        return _step(p0, g, tcfg["optimizer"], tcfg["lr"])
+
+    expected = update(tcfg["loss"])
+    saved = torch.load(run.out / "train_state.pt", weights_only=True)["model"]
+    got = [saved[name] for name, _ in model.named_parameters()]
+    diff = max(float((a - b).abs().max()) for a, b in zip(got, expected, strict=True))
+    assert diff < 2e-6, diff
+
+    # The step tells the reference convention from the plausible wrong ones.
+    wrong = {"token_mean": update("token_mean")} if tcfg["optimizer"] == "sgd" else {}
+    if wd:
+        wrong["L2 after the clip"] = update(tcfg["loss"], "after the clip")
+        wrong["no L2"] = update(tcfg["loss"], "none")
+    for what, w in wrong.items():
+        assert max(float((a - b).abs().max()) for a, b in zip(got, w, strict=True)) > 100 * diff + 1e-5, what
+    if tcfg["optimizer"] == "sgd":  # the clip fired
+        assert _global_norm(_reference_gradient(model, x, y, tcfg["loss"], wd)) > tcfg["clip"]
+
+
+def test_each_epoch_starts_from_the_zero_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As ptb_word_lm and the RHN code do: the carry at an epoch's end is the end of each stream, and
+    the next window is the stream's start, so carrying it over would feed one stream another's context."""
+    zero_at: list[bool] = []
+    forward = LanguageModel.forward
+
+    def recording(self: LanguageModel, tokens: torch.Tensor, state: tuple) -> tuple:
+        if self.training:
+            zero_at.append(all(not t.any() for layer in state for t in layer))
+        return forward(self, tokens, state)
+
+    monkeypatch.setattr(LanguageModel, "forward", recording)
+    train(cell="lstm", corpus=tiny_corpus(), out=tmp_path, overrides=TINY, device="cpu", quiet=True, tensorboard=False)
+    assert len(zero_at) == 50  # 2 epochs of 25 windows
+    assert [i for i, zero in enumerate(zero_at) if zero] == [0, 25]
+
+
+def test_an_interrupt_before_the_first_validation_says_no_model_was_saved(tmp_path: Path) -> None:
+    from rnnlm.cli import _train_summary
+
+    def interrupt(step: int) -> None:
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    r = train(cell="lstm", corpus=tiny_corpus(), out=tmp_path, overrides=TINY, device="cpu", quiet=True,
+              on_step=interrupt, tensorboard=False)
+    data, text = _train_summary(r, dry_run=False)
+    assert r.interrupted_by == signal.SIGINT and not (tmp_path / "model.safetensors").exists()
+    assert data["model_saved"] is False and data["resume_state_saved"] is True
+    assert "before the first validation: no model saved" in text and "continue with --resume" in text
+    assert "best valid ppl" not in text and "checkpoint in" not in text
+    resumed = train(cell="lstm", corpus=tiny_corpus(), out=tmp_path, overrides=TINY, device="cpu", quiet=True,
+                    resume=True, max_steps=4, tensorboard=False)
+    data, text = _train_summary(resumed, dry_run=False)
+    assert data["model_saved"] is True and text.startswith("best valid ppl ") and f"checkpoint in {tmp_path}" in text
+
+
+def test_log_lines_are_whole_when_stderr_is_not_a_terminal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / ("a-long-directory-name-" * 4)  # the resume line alone is over 80 columns
+    train(cell="lstm", corpus=tiny_corpus(), out=out, overrides=TINY, device="cpu", max_steps=2, tensorboard=False)
+    train(cell="lstm", corpus=tiny_corpus(), out=out, overrides=TINY, device="cpu", max_steps=4, resume=True,
+          tensorboard=False)
+    lines = capsys.readouterr().err.splitlines()
+    summaries = [line for line in lines if "valid ppl" in line]
+    assert len(summaries) == 2 and all(line.rstrip().endswith("s") and "tok/s" in line for line in summaries), lines
+    resumed = [line for line in lines if line.startswith("resuming")]
+    assert len(resumed) == 1 and len(resumed[0]) > 80 and "step 2" in resumed[0], lines
+
+
+def test_resume_of_a_run_from_before_the_loss_key(tmp_path: Path) -> None:
+    """A train_config.json written before `loss` existed meant the token mean: it resumes as that,
+    and a changed convention is refused by name."""
+    train(cell="lstm", corpus=tiny_corpus(), out=tmp_path, overrides=TINY, device="cpu", quiet=True, max_steps=2,
+          tensorboard=False)
+    path = tmp_path / TRAIN_CONFIG
+    old = json.loads(path.read_text())
+    del old["loss"]
+    path.write_text(json.dumps(old))
+    with pytest.raises(RnnlmError, match="loss: token_mean -> time_sum"):
+        train(cell="lstm", corpus=tiny_corpus(), out=tmp_path, overrides=[*TINY, "loss=time_sum"], device="cpu",
+              quiet=True, resume=True, max_steps=3, tensorboard=False)
+    r = train(cell="lstm", corpus=tiny_corpus(), out=tmp_path, overrides=TINY, device="cpu", quiet=True, resume=True,
+              max_steps=3, tensorboard=False)
+    assert r.steps == 3

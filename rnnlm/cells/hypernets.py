@@ -8,10 +8,13 @@ rows, gate by gate, at every step:
     for each gate y in {i, g, f, o}:
         d_h = W_hz z_h;   d_x = W_xz z_x;   b = W_bz z_b + b_0
         y = LN_y(d_h ⊙ (W_h h_{t-1}) + d_x ⊙ (W_x x_t) + b)
-    c_t = σ(f) ⊙ c_{t-1} + σ(i) ⊙ drop_c(tanh(g))
+    c_t = σ(f + 1) ⊙ c_{t-1} + σ(i) ⊙ drop_c(tanh(g))
     h_t = σ(o) ⊙ tanh(LN_c(c_t))
 
-z uses ĥ_t (the authors' code), not ĥ_{t-1} (the paper's text); see ../shared/ANCHORS.md.
+z uses ĥ_t (the authors' code), not ĥ_{t-1} (the paper's text); see ../shared/ANCHORS.md. As in
+the authors' supercell code (hardmaru/supercell HyperLSTMCell), a constant forget bias of 1 is added
+to f after layer norm, in the main cell and in the hyper cell (whose own LSTM has the same
+forget_bias=1.0), and the hyper cell gets no recurrent dropout (hyper_use_recurrent_dropout=False).
 Initialisation as in the paper's appendix: hyper cell orthogonal with zero biases; W_ĥh, W_ĥx
 zero with biases 1; W_ĥb N(0, 0.01); W_hz, W_xz constant 0.1 / N_z; W_bz and b_0 zero; W_h and
 W_x orthogonal.
@@ -34,6 +37,8 @@ from rnnlm.cells.base import (
     zeros_state,
 )
 from rnnlm.cells.lstm import LSTMCell, LSTMState
+
+FORGET_BIAS = 1.0  # the authors' supercell adds forget_bias=1.0 to f, after layer norm, in both cells
 
 
 class HyperState(NamedTuple):
@@ -59,13 +64,9 @@ class HyperLSTMCell(nn.Module):
         self.input_size, self.hidden_size = input_size, hidden_size
         self.hyper_size, self.hyper_embed = hyper_size, hyper_embed
         H, Nz = hidden_size, hyper_embed
-        self.hyper = LSTMCell(
-            input_size + hidden_size,
-            hyper_size,
-            layer_norm=layer_norm,
-            dropout_recurrent=dropout_recurrent,
-            recurrent_dropout=recurrent_dropout,
-        )
+        # No dropout of its own: the authors' HyperLSTMCell has hyper_use_recurrent_dropout=False ("Not in
+        # Paper"); it sees the main cell's dropped-out h_{t-1} in its input.
+        self.hyper = LSTMCell(input_size + hidden_size, hyper_size, layer_norm=layer_norm, forget_bias=FORGET_BIAS)
         self.z_h = nn.Linear(hyper_size, 4 * Nz)  # W_ĥh, b_ĥh
         self.z_x = nn.Linear(hyper_size, 4 * Nz)  # W_ĥx, b_ĥx
         self.z_b = nn.Linear(hyper_size, 4 * Nz, bias=False)  # W_ĥb
@@ -122,7 +123,7 @@ class HyperLSTMCell(nn.Module):
         if self.gate_norm is not None:
             gates = self.gate_norm(gates)
         i, g, f, o = gates.chunk(4, dim=-1)
-        c = torch.sigmoid(f) * state.c + torch.sigmoid(i) * self.candidate_dropout(torch.tanh(g))
+        c = torch.sigmoid(f + FORGET_BIAS) * state.c + torch.sigmoid(i) * self.candidate_dropout(torch.tanh(g))
         c_out = self.cell_norm(c) if self.cell_norm is not None else c
         h = torch.sigmoid(o) * torch.tanh(c_out)
         return h, HyperState(h, c, hyper_state.h, hyper_state.c)

@@ -1,11 +1,12 @@
 """LSTM baseline (Hochreiter & Schmidhuber 1997; Zaremba et al. 2014 for the PTB setting).
 
     i, f, g, o = split(LN(W_x x_t + b + W_h drop_h(h_{t-1})))      # LN in the layer-norm variant only
-    c_t = σ(f) ⊙ c_{t-1} + σ(i) ⊙ drop_c(tanh(g))                   # drop_c: Semeniuta recurrent dropout
+    c_t = σ(f + forget_bias) ⊙ c_{t-1} + σ(i) ⊙ drop_c(tanh(g))     # drop_c: Semeniuta recurrent dropout
     h_t = σ(o) ⊙ tanh(LN_c(c_t))
 
 drop_h is variational (one mask per sequence, Gal & Ghahramani 2016). Weights start uniform in
-±init_scale (Zaremba et al.).
+±init_scale (Zaremba et al.). forget_bias is 0 for the LSTM cell (ptb_word_lm's BasicLSTMCell and
+LSTMBlockCell use forget_bias=0.0 for the paper's settings); HyperLSTM's hyper cell passes 1.
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ class LSTMCell(nn.Module):
         dropout_recurrent: float = 0.0,
         recurrent_dropout: float = 0.0,
         init_scale: float = 0.1,
+        forget_bias: float = 0.0,
     ) -> None:
         super().__init__()
         self.input_size, self.hidden_size = input_size, hidden_size
+        self.forget_bias = forget_bias  # a constant added to f; 0 here as in ptb_word_lm, 1 in HyperLSTM's hyper cell
         self.input_proj = nn.Linear(input_size, 4 * hidden_size)  # W_x and b, hoisted over time
         self.hidden_proj = nn.Linear(hidden_size, 4 * hidden_size, bias=False)  # W_h
         self.gate_norm = GateLayerNorm(4, hidden_size) if layer_norm else None
@@ -59,6 +62,8 @@ class LSTMCell(nn.Module):
         if self.gate_norm is not None:
             gates = self.gate_norm(gates)
         i, f, g, o = gates.chunk(4, dim=-1)
+        if self.forget_bias:
+            f = f + self.forget_bias
         c = torch.sigmoid(f) * state.c + torch.sigmoid(i) * self.candidate_dropout(torch.tanh(g))
         c_out = self.cell_norm(c) if self.cell_norm is not None else c
         h = torch.sigmoid(o) * torch.tanh(c_out)

@@ -9,7 +9,8 @@ One layer of recurrence depth L; x enters only the first micro-layer:
         s_l = drop_c(h_l) ⊙ t_l + s_{l-1} ⊙ (1 - t_l)       # coupled carry gate c = 1 - t
     y = s_L
 
-drop_l is variational (one mask per sequence for each micro-layer), drop_c the recurrent dropout
+drop_l is variational: one mask per sequence, the same before every micro-layer (the RHN code's
+noise_h), so drop_l = drop; drop_c is the recurrent dropout
 of Semeniuta et al. on the candidate. Weights uniform ±init_scale (0.04 in the paper), transform
 biases b_T = -2 so that the cell starts out carrying its state.
 
@@ -61,7 +62,9 @@ class RHNCell(nn.Module):
         self.recurrent = nn.ModuleList(nn.Linear(hidden_size, 2 * hidden_size, bias=not layer_norm) for _ in range(depth))
         self.norms = nn.ModuleList(GateLayerNorm(2, hidden_size) for _ in range(depth)) if layer_norm else None
         self.input_norm = GateLayerNorm(2, hidden_size) if layer_norm else None  # LN_x, gain 1 and bias 0
-        self.state_dropouts = nn.ModuleList(SequenceDropout(dropout_recurrent) for _ in range(depth))
+        # One mask per sequence for the whole recurrence, reused before every micro-layer, as the RHN
+        # code applies its one noise_h to current_state in each of the depth micro-layers.
+        self.state_dropout = SequenceDropout(dropout_recurrent)
         self.candidate_dropout = CandidateDropout(recurrent_dropout)
         with torch.no_grad():
             for p in self.parameters():
@@ -83,9 +86,7 @@ class RHNCell(nn.Module):
         return zeros_state(RHNState, batch, {"s": self.hidden_size}, device, self.input_proj.weight.dtype)
 
     def reset_dropout(self, batch: int, device: torch.device | str | None = None) -> None:
-        for d in self.state_dropouts:
-            assert isinstance(d, SequenceDropout)
-            d.draw(batch, self.hidden_size, device)
+        self.state_dropout.draw(batch, self.hidden_size, device)
 
     def project(self, xs: Tensor) -> Tensor:
         """The input's contribution [W_H x; W_T x] (..., 2H), normalized in the layer-norm variant."""
@@ -96,7 +97,7 @@ class RHNCell(nn.Module):
         """One time step from the precomputed input contribution px = project(x): (B, 2H)."""
         s = state.s
         for layer in range(self.depth):
-            pre = self.recurrent[layer](self.state_dropouts[layer](s))  # (B, 2H)
+            pre = self.recurrent[layer](self.state_dropout(s))  # (B, 2H)
             if self.norms is not None:
                 pre = self.norms[layer](pre)
             if layer == 0:
