@@ -46,3 +46,24 @@ def gemm_to_matmul(model: onnx.ModelProto) -> int:
     del graph.initializer[:]
     graph.initializer.extend(keep)
     return rewritten
+
+
+def drop_weight_identities(model: onnx.ModelProto) -> int:
+    """Remove Identity nodes that only alias an initializer (the tracer writes one per unrolled step for
+    a weight used at every step), pointing their consumers at the initializer itself. Quantization
+    then sees one weight with all its uses. Returns how many were removed."""
+    graph = model.graph
+    inits = {i.name for i in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    alias = {n.output[0]: n.input[0] for n in graph.node
+             if n.op_type == "Identity" and n.input[0] in inits and n.output[0] not in outputs}
+    if not alias:
+        return 0
+    keep = [n for n in graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    for n in keep:
+        for i, name in enumerate(n.input):
+            if name in alias:
+                n.input[i] = alias[name]
+    del graph.node[:]
+    graph.node.extend(keep)
+    return len(alias)

@@ -7,13 +7,14 @@ logits dimension; the probe (a fixed input with its expected outputs) is run by 
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rnnlm.errors import RnnlmError
-from rnnlm.fsutil import sha256
 
 FORMAT = "rnnlm-bundle"
 SUPPORTED_VERSIONS = (1,)
@@ -48,9 +49,15 @@ def find_bundle(path: str | Path | None, search_root: str | Path = "models") -> 
 class Bundle:
     path: Path
     manifest: dict[str, Any]
+    # file name -> the future of its verification (its bytes for a graph, else None): see ``open``
+    _pending: dict[str, Future[bytes | None]] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def open(cls, path: str | Path | None, *, verify_hashes: bool = True) -> Bundle:
+    def open(cls, path: str | Path | None, *, verify_hashes: bool | str = True) -> Bundle:
+        """Open and check a bundle's manifest. ``verify_hashes``: True checks every file's size and sha256
+        now; "background" starts those checks on threads (hashlib releases the GIL) and returns, and
+        ``verify_files`` or ``verified_bytes`` wait for them: the runtime creates its first session while
+        the other files are hashed, and calls ``verify_files`` before it returns."""
         directory = find_bundle(path)
         mpath = directory / MANIFEST
         try:
@@ -68,20 +75,54 @@ class Bundle:
                 raise BundleError(f"{mpath}: the manifest has no {key!r} entry")
         bundle = cls(directory, manifest)
         if verify_hashes:
-            bundle.verify_files()
+            bundle._start_verification()
+            if verify_hashes != "background":
+                bundle.verify_files()
         return bundle
 
+    def _start_verification(self) -> None:
+        names = list(self.manifest["files"])
+        pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rnnlm-hash")
+        for name in sorted(names, key=lambda n: not n.endswith(".onnx")):  # graphs first: a session waits on one
+            self._pending[name] = pool.submit(self._read_verified, name)
+        pool.shutdown(wait=False)  # the threads finish the queued checks, then exit
+
+    def _read_verified(self, name: str) -> bytes | None:
+        """The file's bytes after checking its size and sha256 against the manifest (None for a non-graph)."""
+        meta = self.manifest["files"][name]
+        f = self.path / name
+        try:
+            data = f.read_bytes()
+        except FileNotFoundError:
+            raise BundleError(f"{f}: missing (listed in {MANIFEST})") from None
+        except IsADirectoryError:
+            raise BundleError(f"{f}: a directory, not a file (listed in {MANIFEST})") from None
+        if len(data) != meta["bytes"]:
+            raise BundleError(f"{f}: size {len(data)} bytes, manifest says {meta['bytes']} (truncated or replaced)")
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != meta["sha256"]:
+            raise BundleError(f"{f}: sha256 {digest[:16]}... does not match the manifest's {meta['sha256'][:16]}...")
+        return data if name.endswith(".onnx") else None
+
     def verify_files(self) -> None:
-        for name, meta in self.manifest["files"].items():
-            f = self.path / name
-            if not f.is_file():
-                raise BundleError(f"{f}: missing (listed in {MANIFEST})")
-            size = f.stat().st_size
-            if size != meta["bytes"]:
-                raise BundleError(f"{f}: size {size} bytes, manifest says {meta['bytes']} (truncated or replaced)")
-            digest = sha256(f)
-            if digest != meta["sha256"]:
-                raise BundleError(f"{f}: sha256 {digest[:16]}... does not match the manifest's {meta['sha256'][:16]}...")
+        """Wait for (or run) the check of every file the manifest lists; raise the first failure."""
+        if not self._pending:
+            self._start_verification()
+        for name in self.manifest["files"]:
+            self._pending[name].result()
+
+    def verified_bytes(self, name: str) -> bytes:
+        """A graph file's bytes, checked against the manifest: what a session is created from, so
+        that what runs is what was hashed (read once, no window between the check and the load)."""
+        if name not in self.manifest["files"]:
+            raise BundleError(f"{self.path / name}: not listed in {MANIFEST}, so it cannot be verified")
+        pending = self._pending.pop(name, None)
+        data = pending.result() if pending is not None else None
+        if data is None:
+            data = self._read_verified(name)
+        assert data is not None
+        self._pending[name] = _done(None)
+        return data
 
     def file(self, key: str) -> Path:
         return self.path / self.manifest["graphs"][key]["file"]
@@ -106,3 +147,9 @@ class Bundle:
             if not 0 <= idx < len(tokens) or tokens[idx] != tok:
                 raise BundleError(f"{path}: {tok} is not at line {idx + 1} as the manifest says")
         return tokens
+
+
+def _done(value: bytes | None) -> Future[bytes | None]:
+    f: Future[bytes | None] = Future()
+    f.set_result(value)
+    return f
