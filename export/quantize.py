@@ -236,11 +236,12 @@ def plan(models: dict[str, onnx.ModelProto], chunk: int, threads: int, forms: li
     return rows
 
 
-def demote(rows: list[dict[str, Any]], frm: str, to: str) -> bool:
-    """Replace every choice starting with ``frm`` by ``to`` (after an accuracy refusal); True if any changed."""
+def demote(rows: list[dict[str, Any]], frm: str, to: str, *, graph: str | None = None) -> bool:
+    """Replace every choice starting with ``frm`` by ``to`` (after an accuracy refusal), in ``graph``'s
+    products or all; True if any changed."""
     changed = False
     for r in rows:
-        if r["chosen"].startswith(frm):
+        if r["chosen"].startswith(frm) and graph in (None, r["graph"]):
             r["chosen"], r["demoted_from"] = to, r["chosen"]
             changed = True
     return changed
