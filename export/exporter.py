@@ -51,7 +51,6 @@ QUANT_PROBE_TOLERANCE = 1e-2  # int8 kernels differ between CPUs (VNNI or not): 
 PROBE_TOKENS = 6
 STEP_CHECK_TOKENS = 16_384  # of the perplexity text, run through the step graph (32 streams side by side)
 QUANT_DIRS = {"auto": "onnx-quant", "int8": "onnx-int8"}
-SCORE_ORT_FILE = "score.ort"
 
 
 def _fsync(path: Path) -> None:
@@ -196,28 +195,10 @@ def _manifest(cfg: Any, vocab: Vocabulary, states: list[spec.StateSpec], step_sp
         "source": source,
         **extra,
         "files": {name: {"sha256": sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
-                  for name in (spec.STEP_FILE, spec.SCORE_FILE, SCORE_ORT_FILE, spec.VOCAB_FILE) if (tmp / name).exists()},
+                  for name in (spec.STEP_FILE, spec.SCORE_FILE, spec.VOCAB_FILE)},
     }
-    if (tmp / SCORE_ORT_FILE).exists():
-        manifest["graphs"]["score"]["ort"] = {"file": SCORE_ORT_FILE, "onnxruntime": _version("onnxruntime"),
-                                              "optimization": "basic", "provider": "CPUExecutionProvider",
-                                              "from_sha256": manifest["files"][spec.SCORE_FILE]["sha256"]}
     atomic_write_text(tmp / spec.MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
     return manifest
-
-
-def _write_ort(onnx_path: Path, ort_path: Path) -> None:
-    """The scoring graph in onnxruntime's own format, basic optimizations applied, for the CPU provider:
-    the runtime's session for it starts about twice as fast as from ONNX (``rnnlm score``'s cold start)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    opts.optimized_model_filepath = str(ort_path)
-    opts.add_session_config_entry("session.save_model_format", "ORT")
-    opts.log_severity_level = 3
-    ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-    _fsync(ort_path)
 
 
 def _runtime(tmp: Path) -> Runtime:
@@ -277,11 +258,8 @@ def export_bundle(
         validation = {"tolerance": quant["validation"]["tolerance"] if quant else tolerance,
                       "max_abs_logprob_diff": report.max_logprob_diff, "max_abs_state_diff": report.max_state_diff,
                       "cases": report.cases, "against": "eval-mode PyTorch, float32 weights"}
-        final = {"probe": _probe(lm, vocab, probe_tol), "validation": validation, "metrics": metrics, "quantization": quant}
+        stage({"probe": _probe(lm, vocab, probe_tol), "validation": validation, "metrics": metrics, "quantization": quant})
         del lm
-        _write_ort(tmp / spec.SCORE_FILE, tmp / SCORE_ORT_FILE)
-        stage(final)
-        _runtime(tmp).session("score")  # the onnxruntime-format copy reproduces the probe, or nothing is written
         replace_dir(tmp, out_dir)
     summary = {"bundle": str(out_dir), "cell": cfg.cell, "seconds": round(time.monotonic() - t0, 1),
                "max_abs_logprob_diff": report.max_logprob_diff, "max_abs_state_diff": report.max_state_diff, **metrics}

@@ -19,7 +19,7 @@ from rnnlm.errors import RnnlmError
 FORMAT = "rnnlm-bundle"
 SUPPORTED_VERSIONS = (1,)
 MANIFEST = "manifest.json"
-GRAPH_SUFFIXES = (".onnx", ".ort")  # ONNX protobuf, or onnxruntime's own (flatbuffer) format
+GRAPH_SUFFIXES = (".onnx",)
 
 
 class BundleError(RnnlmError):
@@ -86,8 +86,8 @@ class Bundle:
         pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rnnlm-hash")
         score = self.manifest["graphs"].get("score", {}).get("file")
 
-        def first(n: str) -> int:  # what the first session waits for goes first: the scoring graph's fast copy
-            return 0 if n.endswith(".ort") else 1 if n == score else 2 if n.endswith(GRAPH_SUFFIXES) else 3
+        def first(n: str) -> int:  # what the first session waits for goes first
+            return 0 if n == score else 1 if n.endswith(GRAPH_SUFFIXES) else 2
 
         for name in sorted(names, key=first):
             self._pending[name] = pool.submit(self._read_verified, name)
@@ -132,17 +132,6 @@ class Bundle:
 
     def file(self, key: str) -> Path:
         return self.path / self.manifest["graphs"][key]["file"]
-
-    def ort_file(self, key: str, onnxruntime_version: str) -> Path | None:
-        """The graph in onnxruntime's own format, where the bundle has one written by this onnxruntime
-        version (the format loads about twice as fast: no protobuf to parse, optimizations done)."""
-        graph = self.manifest["graphs"][key]
-        meta = graph.get("ort")
-        if not isinstance(meta, dict) or meta.get("onnxruntime") != onnxruntime_version or meta.get("file") not in self.manifest["files"]:
-            return None
-        if meta.get("from_sha256") != self.manifest["files"].get(graph["file"], {}).get("sha256"):
-            return None  # made from another ONNX graph than the one listed: stale, not used
-        return self.path / meta["file"]
 
     @property
     def chunk(self) -> int:

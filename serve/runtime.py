@@ -138,8 +138,6 @@ class LanguageModel:
         its inputs and outputs against the manifest, then the manifest's probe."""
         if key not in self._sessions:
             path = self.bundle.file(key)
-            fast = self.bundle.ort_file(key, ort.__version__) if self.providers == ["CPUExecutionProvider"] else None
-            path = fast or path
             data = self.bundle.verified_bytes(path.name)  # the bytes that were hashed are the bytes that run
             try:
                 sess = ort.InferenceSession(data, self._options, providers=self.providers)
