@@ -199,11 +199,11 @@ def nccl_row(data_dir: str, reason: str | None) -> None:
 
 def default_bundle(tmp: Path, data_dir: str) -> Path:
     import torch
+    from rnnlm.export import export_bundle
 
     from rnnlm.checkpoint import save_model_dir
     from rnnlm.config import PRESETS, default_preset
     from rnnlm.data import load_ptb
-    from rnnlm.export import export_bundle
     from rnnlm.model import LanguageModel
 
     torch.manual_seed(0)
@@ -235,7 +235,7 @@ def main() -> None:
         bundle = args.bundle or default_bundle(Path(tmp), args.data_dir)
         serving_rows(bundle, args.data_dir, ort_reason, dry)
     nccl_row(args.data_dir, reason)
-    print(f"\n| check | result | verdict |\n|---|---|---|")
+    print("\n| check | result | verdict |\n|---|---|---|")
     for check, result, verdict in ROWS:
         print(f"| {check} | {result} | {verdict} |")
     print(f"\n{time.monotonic() - t0:.0f} s")

@@ -138,7 +138,9 @@ def decoder_nodes(bundle: Path) -> tuple[set[str], dict[str, Any]]:
             dims = list(inits[w].dims)
             if (n.op_type == "MatMul" and dims[-1] == vocab) or (n.op_type != "MatMul" and vocab in dims):
                 names.add(n.name)
-                row = {"form": {"MatMul": "fp32", "DynamicQuantizeMatMul": "int8"}.get(n.op_type, "nbits4"), "node": n}
+                attrs = {a.name: a.i for a in n.attribute}
+                k = attrs["K"] if n.op_type == "MatMulNBits" else dims[0]
+                row = {"form": {"MatMul": "fp32", "DynamicQuantizeMatMul": "int8"}.get(n.op_type, "nbits4"), "shape": [k, vocab]}
     q = m.get("quantization") or {}
     for p in q.get("products", []):
         if p["graph"] == "score" and p["shape"][1] == vocab:

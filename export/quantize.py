@@ -160,7 +160,8 @@ def time_forms(forms: list[str], w: np.ndarray, rows: int, threads: int) -> list
     load during the measurement falls on all of them alike."""
     x = np.random.default_rng(0).standard_normal((rows, w.shape[0])).astype(np.float32)
     ref = x.astype(np.float64) @ w.astype(np.float64)
-    out, live = {}, {}
+    out: dict[str, dict[str, Any]] = {}
+    live: dict[str, tuple[Any, int, list[float]]] = {}
     for form in forms:
         try:
             sess = _session(form, w, threads)
@@ -175,7 +176,7 @@ def time_forms(forms: list[str], w: np.ndarray, rows: int, threads: int) -> list
         live[form] = (sess, calls, [])
         out[form] = {"form": form, "seconds": None, "max_rel_error": err}
     for _ in range(ROUNDS):
-        for form, (sess, calls, times) in live.items():
+        for sess, calls, times in live.values():
             t = time.perf_counter()
             for _ in range(calls):
                 sess.run(None, {"x": x})
