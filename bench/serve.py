@@ -134,13 +134,15 @@ def decoder_nodes(bundle: Path) -> tuple[set[str], dict[str, Any]]:
     names, row = set(), {"form": "fp32"}
     for n in graph.node:
         w = n.input[1] if len(n.input) > 1 else ""
-        if n.op_type in ("MatMul", "DynamicQuantizeMatMul", "MatMulNBits") and w in inits:
+        if n.op_type in ("MatMul", "Gemm", "DynamicQuantizeMatMul", "MatMulNBits") and w in inits:
             dims = list(inits[w].dims)
-            if (n.op_type == "MatMul" and dims[-1] == vocab) or (n.op_type != "MatMul" and vocab in dims):
+            attrs = {a.name: a.i for a in n.attribute}
+            out_dim = dims[0] if n.op_type == "Gemm" and attrs.get("transB") else dims[-1]
+            if (n.op_type in ("MatMul", "Gemm") and out_dim == vocab) or (n.op_type not in ("MatMul", "Gemm") and vocab in dims):
                 names.add(n.name)
-                attrs = {a.name: a.i for a in n.attribute}
-                k = attrs["K"] if n.op_type == "MatMulNBits" else dims[0]
-                row = {"form": {"MatMul": "fp32", "DynamicQuantizeMatMul": "int8"}.get(n.op_type, "nbits4"), "shape": [k, vocab]}
+                k = attrs["K"] if n.op_type == "MatMulNBits" else dims[1] if n.op_type == "Gemm" and attrs.get("transB") else dims[0]
+                form = {"MatMul": "fp32", "Gemm": "fp32", "DynamicQuantizeMatMul": "int8"}.get(n.op_type, "nbits4")
+                row = {"form": form, "shape": [k, vocab]}
     q = m.get("quantization") or {}
     for p in q.get("products", []):
         if p["graph"] == "score" and p["shape"][1] == vocab:

@@ -24,7 +24,7 @@ import onnx
 import torch
 from rnnlm.export import quantize, spec
 from rnnlm.export.graphs import ScoreGraph, StepGraph, state_layout
-from rnnlm.export.passes import drop_weight_identities, gemm_to_matmul
+from rnnlm.export.passes import drop_weight_identities, gemm_to_matmul, share_tied_weights
 from rnnlm.export.validate import TOLERANCE, Report, ValidationError, run_score, run_step, validate
 
 from rnnlm import __version__
@@ -74,8 +74,16 @@ def _trace(module: torch.nn.Module, args: tuple[torch.Tensor, ...], graph: spec.
     model = onnx.load(str(path))
     gemm_to_matmul(model)
     drop_weight_identities(model)
-    _save(model, path)
-    return model
+    _save_shared(model, path)
+    return model  # with every product a MatMul: what quantization plans on
+
+
+def _save_shared(model: onnx.ModelProto, path: Path) -> None:
+    """Save a copy of ``model`` that holds a tied decoder's matrix once (``share_tied_weights``)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    share_tied_weights(copy)
+    _save(copy, path)
 
 
 def _example_args(states: list[spec.StateSpec], chunk: int | None) -> tuple[torch.Tensor, ...]:
@@ -380,7 +388,7 @@ def _stage_quantized(graphs: dict[str, onnx.ModelProto], rows: list[dict[str, An
         q = onnx.ModelProto()
         q.CopyFrom(graph)
         quantize.apply_forms(q, {r["weight"]: r["chosen"] for r in rows if r["graph"] == key})
-        _save(q, tmp / (spec.STEP_FILE if key == "step" else spec.SCORE_FILE))
+        _save_shared(q, tmp / (spec.STEP_FILE if key == "step" else spec.SCORE_FILE))
     stage({})
     try:
         return _runtime(tmp)

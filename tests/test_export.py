@@ -548,3 +548,17 @@ def test_model_repository_is_not_refused(small_ckpt: Path, tmp_path: Path, monke
     with pytest.raises(RnnlmError):
         refuse_shadowing("json")
 
+
+
+def test_a_tied_decoder_is_stored_once(built: Callable[[str, bool], Built]) -> None:
+    """The embedding's Gather and the decoder read one matrix: no transposed copy in either graph."""
+    b = built("lstm", False)  # tied
+    model, _ = load_model_dir(b.checkpoint)
+    emb = model.embedding.weight.detach().numpy()
+    for name in ("step.onnx", "score.onnx"):
+        g = onnx.load(str(b.bundle / name)).graph
+        arrays = [onnx.numpy_helper.to_array(t) for t in g.initializer]
+        assert sum(a.shape == emb.shape and np.array_equal(a, emb) for a in arrays) == 1, name
+        assert not any(a.shape == emb.T.shape and np.array_equal(a, emb.T) for a in arrays), name
+        gemms = [n for n in g.node if n.op_type == "Gemm"]
+        assert len(gemms) == 1 and {a.name: a.i for a in gemms[0].attribute}.get("transB") == 1, name
