@@ -1,23 +1,27 @@
-"""Serving speed: the onnxruntime runtime against PyTorch eager running the same weights, in one run.
+"""Serving speed, four peers side by side in one run per cell, with the ratios the goals name.
 
-    python bench/serve.py [--cells lstm rhn hypernets] [--tokens 20000] [--threads N]
+    python bench/serve.py --models /work/trained --bundles /work/trained-bundles-perf [--cells lstm rhn hypernets]
 
-For each cell's default preset (the trained models/<cell> when it exists, else the preset's
-initial weights exported to a temporary bundle) it prints:
-  1. batch-1 generation step latency, ORT step graph vs torch ``model.step``      (goal >= 4x)
-  2. exact scoring tokens/s at batch 1 on PTB test (first --tokens tokens):
-     ORT scoring graph vs torch ``evaluate`` (batch 1, state carried)              (goal >= 4x)
-     and the alternative of stepping the step graph token by token (why the scoring graph exists)
-  3. per-line scoring of 3,000 PTB lines: ORT batched vs a serial per-line loop    (goal >= 10x)
-  4. roofline: fp32 weight bytes one step reads / measured GEMV bandwidth, as a fraction of the
-     measured step latency                                                          (goal >= 70%)
-  5. cold start of ``rnnlm score`` on a one-line file, wall time                    (goal <= 0.6 s)
-  6. int8 bundles (models/<cell>/onnx-int8), where present: scoring speed-up and perplexity change
+Peers, all on the same weights (the checkpoint MODELS/<cell>):
+  torch fp32   PyTorch eager, float32
+  torch int8   ``torch.ao.quantization.quantize_dynamic`` on the nn.Linear modules (what a PyTorch user tries first)
+  rnnlm fp32   the float32 bundle  BUNDLES/<cell>/onnx        (exported first when missing)
+  rnnlm quant  the quantized bundle BUNDLES/<cell>/onnx-quant  (``rnnlm export --quantize auto``)
+
+Per cell it prints:
+  1. batch-1 generation step latency                     goal: quant >= 4x torch fp32 and >= 1.5x torch int8
+  2. exact scoring of PTB test at batch 1 (state carried) goal: quant >= 4x torch fp32
+     and every peer's perplexity: fp32 bundle vs torch to 1e-6, quantized rise <= 1 % (test and valid)
+  3. per-line scoring of PTB test lines (3,000), batched and sorted by length, vs a serial torch loop (goal >= 10x);
+     the decoder product's share of the batched run (onnxruntime's profiler) and its FLOP/s against a plain
+     GEMM of the same shape and form in the same run (goal >= 50 %)
+  4. cold start of ``rnnlm score`` on a one-line file, median of 5       goal <= 0.4 s
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -26,24 +30,27 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 from rnnlm.export import export_bundle
+from rnnlm.export.quantize import one_node_model
 from rnnlm.serve import LanguageModel as OrtLM
 
-from rnnlm.checkpoint import load_model_dir, save_model_dir
-from rnnlm.config import PRESETS, default_preset
-from rnnlm.data import Vocabulary, load_ptb
+from rnnlm.checkpoint import load_model_dir
+from rnnlm.data import load_ptb
 from rnnlm.evaluate import evaluate
 from rnnlm.model import LanguageModel
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def median_time(fn, repeat: int) -> float:
+def median_time(fn: Callable[[], Any], repeat: int = 5) -> float:
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -52,156 +59,242 @@ def median_time(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
-def gemv_bandwidth(rows: int, cols: int, threads: int) -> float:
-    """Bytes/s of a float32 matrix-vector product in onnxruntime (the step's dominant operation)."""
-    from onnx import TensorProto, helper, numpy_helper
+def torch_int8(model: LanguageModel) -> tuple[LanguageModel, list[str]]:
+    """quantize_dynamic on every nn.Linear the model's code does not read as a plain tensor (a cell's
+    ``input_proj.weight`` gives the state's dtype; HyperLSTM slices its hyper cell's weight)."""
+    from torch.ao.quantization import quantize_dynamic
 
-    w = np.random.default_rng(0).standard_normal((cols, rows)).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "gemv",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cols])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, rows])],
-                              [numpy_helper.from_array(w, "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+             and not n.endswith("input_proj")}
+    q = quantize_dynamic(model, names, dtype=torch.qint8)
+    return q, sorted(names)
+
+
+def bundles_for(cell: str, models: Path, bundles: Path, data_dir: str) -> tuple[Path, Path]:
+    fp32, quant = bundles / cell / "onnx", bundles / cell / "onnx-quant"
+    if not (fp32 / "manifest.json").exists():
+        export_bundle(models / cell, out=fp32, data_dir=data_dir)
+    if not (quant / "manifest.json").exists():
+        export_bundle(models / cell, out=quant, data_dir=data_dir, quantize="auto")
+    return fp32, quant
+
+
+def step_latency(model: LanguageModel, lms: dict[str, OrtLM], tq: LanguageModel, eos: int) -> dict[str, float]:
+    out = {}
+    tok = torch.tensor([eos])
+    with torch.no_grad():
+        for name, m in (("torch fp32", model), ("torch int8", tq)):
+            state = m.init_state(1)
+            for _ in range(20):
+                m.step(tok, state)
+            out[name] = median_time(lambda m=m, state=state: [m.step(tok, state) for _ in range(100)]) / 100
+    tid = np.array([eos])
+    for name, lm in lms.items():
+        s = lm.initial_state(1)
+        for _ in range(20):
+            lm.step_ids(s, tid)
+        out[name] = median_time(lambda lm=lm, s=s: [lm.step_ids(s, tid) for _ in range(100)]) / 100
+    return out
+
+
+def exact_scoring(model: LanguageModel, tq: LanguageModel, lms: dict[str, OrtLM], ids: np.ndarray, eos: int,
+                  chunk: int) -> dict[str, tuple[float, float]]:
+    """(seconds, nll) of each peer scoring ``ids`` as one stream at batch 1."""
+    out = {}
+    for name, m in (("torch fp32", model), ("torch int8", tq)):
+        t0 = time.perf_counter()
+        r = evaluate(m, ids, start_id=eos, batch_size=1, bptt=chunk)
+        out[name] = (time.perf_counter() - t0, r.nll)
+    for name, lm in lms.items():
+        toks = [lm.tokenizer.token(lm.vocab[i]) for i in ids]
+        t0 = time.perf_counter()
+        r2 = lm.score_tokens(toks)
+        out[name] = (time.perf_counter() - t0, r2.nll)
+    return out
+
+
+def torch_line_loop(model: LanguageModel, lines: list[list[int]], eos: int) -> float:
+    """Seconds for a serial PyTorch loop: each line from a fresh state, its log-probabilities."""
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        for ids in lines:
+            y = torch.tensor(ids)
+            x = torch.cat([torch.tensor([eos]), y[:-1]])[:, None]
+            logits, _ = model(x, model.init_state(1))
+            torch.log_softmax(logits[:, 0], -1).gather(1, y[:, None])
+        return time.perf_counter() - t0
+
+
+def decoder_nodes(bundle: Path) -> tuple[set[str], dict[str, Any]]:
+    """Names of the scoring graph's nodes that compute the decoder product, and the product's manifest row."""
+    m = json.loads((bundle / "manifest.json").read_text())
+    vocab = m["vocab"]["size"]
+    graph = onnx.load(str(bundle / "score.onnx")).graph
+    inits = {i.name: i for i in graph.initializer}
+    names, row = set(), {"form": "fp32"}
+    for n in graph.node:
+        w = n.input[1] if len(n.input) > 1 else ""
+        if n.op_type in ("MatMul", "Gemm", "DynamicQuantizeMatMul", "MatMulNBits") and w in inits:
+            dims = list(inits[w].dims)
+            attrs = {a.name: a.i for a in n.attribute}
+            out_dim = dims[0] if n.op_type == "Gemm" and attrs.get("transB") else dims[-1]
+            if (n.op_type in ("MatMul", "Gemm") and out_dim == vocab) or (n.op_type not in ("MatMul", "Gemm") and vocab in dims):
+                names.add(n.name)
+                k = attrs["K"] if n.op_type == "MatMulNBits" else dims[1] if n.op_type == "Gemm" and attrs.get("transB") else dims[0]
+                form = {"MatMul": "fp32", "Gemm": "fp32", "DynamicQuantizeMatMul": "int8"}.get(n.op_type, "nbits4")
+                row = {"form": form, "shape": [k, vocab]}
+    q = m.get("quantization") or {}
+    for p in q.get("products", []):
+        if p["graph"] == "score" and p["shape"][1] == vocab:
+            row["form"], row["shape"] = p["chosen"], p["shape"]
+    return names, row
+
+
+def profiled_lines(lm: OrtLM, bundle: Path, seqs: list[list[int]], batch: int, threads: int) -> dict[str, float]:
+    """Batched per-line scoring with onnxruntime's profiler on: wall time, decoder time, rows and FLOP/s."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.enable_mem_reuse = False
+    opts.intra_op_num_threads = threads
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "prof")
+    sess = ort.InferenceSession(str(bundle / "score.onnx"), opts, providers=["CPUExecutionProvider"])
+    lm._sessions["score"] = sess  # the bench's own session: same graph, profiled
+    t0 = time.perf_counter()
+    lm.sequence_logprobs(seqs, batch_size=batch)
+    wall = time.perf_counter() - t0
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    names, row = decoder_nodes(bundle)
+    runs = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    dec = [e for e in runs if e["name"].removesuffix("_kernel_time") in names]
+    model_runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
+    rows = sum(int(np.prod(e["args"].get("output_type_shape", [{}])[0].get("float", [0])[:-1]) or 0) for e in dec)
+    k = int(row.get("shape", [0, 0])[0] or 0)
+    dec_s = sum(e["dur"] for e in dec) / 1e6
+    return {"wall": wall, "runs": sum(e["dur"] for e in model_runs) / 1e6, "decoder": dec_s, "rows": rows,
+            "calls": len(dec), "k": k, "form": row["form"]}
+
+
+def plain_gemm(form: str, k: int, n: int, rows: int, threads: int) -> float:
+    """FLOP/s of a one-node graph computing the same product shape in the same form, in this run."""
+    w = (np.random.default_rng(0).standard_normal((k, n)) * 0.05).astype(np.float32)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    x = np.ones((1, cols), np.float32)
-    for _ in range(20):
-        sess.run(None, {"x": x})
-    t = median_time(lambda: [sess.run(None, {"x": x}) for _ in range(50)], 5) / 50
-    return w.nbytes / t
+    sess = ort.InferenceSession(one_node_model(form if form != "nbits4" else "int8", w), opts,
+                                providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).standard_normal((rows, k)).astype(np.float32)
+    sess.run(None, {"x": x})
+    t = median_time(lambda: sess.run(None, {"x": x}), 5)
+    return 2 * rows * k * n / t
 
 
-def step_weight_bytes(model: LanguageModel) -> int:
-    """fp32 bytes of the weights one batch-1 step reads: all but the embedding table (one row)."""
-    n = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("embedding"))
-    if model.cfg.tie_weights:  # the decoder reads the (shared) embedding matrix in full
-        n += model.embedding.weight.numel()
-    return 4 * (n + model.cfg.emb_size)
-
-
-def bundle_for(cell: str, tmp: Path) -> tuple[Path, Path]:
-    model_dir = ROOT / "models" / cell
-    if (model_dir / "onnx" / "manifest.json").exists():
-        return model_dir, model_dir / "onnx"
-    preset = PRESETS[default_preset(cell)]
-    corpus_vocab = Vocabulary([f"w{i}" for i in range(preset.model.vocab_size - 2)] + ["<unk>", "<eos>"])
-    torch.manual_seed(0)
-    save_model_dir(tmp / cell, LanguageModel(preset.model), corpus_vocab)
-    export_bundle(tmp / cell, out=tmp / cell / "onnx")
-    return tmp / cell, tmp / cell / "onnx"
-
-
-def bench_cell(cell: str, args: argparse.Namespace, tmp: Path, bw: float, test_ids: np.ndarray,
-               lines: list[str]) -> None:
-    model_dir, bundle = bundle_for(cell, tmp)
-    model, vocab = load_model_dir(model_dir)
-    lm = OrtLM.load(bundle, device="cpu", threads=args.threads)
-    print(f"== {cell} ({model.num_parameters() / 1e6:.2f}M parameters, bundle {bundle})")
-
-    # 1. generation step latency, batch 1
-    state_t, tok = model.init_state(1), torch.tensor([vocab.eos_id])
-    with torch.no_grad():
-        for _ in range(20):
-            model.step(tok, state_t)
-        t_torch = median_time(lambda: [model.step(tok, state_t) for _ in range(100)], 5) / 100
-    s, tid = lm.initial_state(1), np.array([vocab.eos_id])
-    for _ in range(20):
-        lm.step_ids(s, tid)
-    t_ort = median_time(lambda: [lm.step_ids(s, tid) for _ in range(100)], 5) / 100
-    print(f"  step latency, batch 1: torch {t_torch * 1e6:.0f} us, ort {t_ort * 1e6:.0f} us -> {t_torch / t_ort:.2f}x  (goal >= 4x)")
-
-    # 4. roofline of the step
-    wbytes = step_weight_bytes(model)
-    ideal = wbytes / bw
-    print(f"  roofline: {wbytes / 1e6:.1f} MB of weights per step, ideal {ideal * 1e6:.0f} us at {bw / 1e9:.1f} GB/s "
-          f"-> {ideal / t_ort:.0%} of the roofline  (goal >= 70%)")
-
-    # 2. exact scoring, batch 1
-    t0 = time.perf_counter()
-    ref = evaluate(model, test_ids, start_id=vocab.eos_id, batch_size=1, bptt=lm.chunk)
-    t_torch = time.perf_counter() - t0
-    toks = [lm.tokenizer.token(vocab.itos[i]) for i in test_ids]
-    t0 = time.perf_counter()
-    got = lm.score_tokens(toks)
-    t_ort = time.perf_counter() - t0
-    assert abs(got.nll / ref.nll - 1) < 1e-4, (got.nll, ref.nll)
-    n = len(test_ids)
-    print(f"  exact scoring, batch 1: torch {n / t_torch:,.0f} tok/s, ort scoring graph {n / t_ort:,.0f} tok/s "
-          f"-> {t_torch / t_ort:.2f}x  (goal >= 4x); same nll to {abs(got.nll / ref.nll - 1):.1e}")
-    m = min(n, 3000)
-    st = lm.initial_state(1)
-    t0 = time.perf_counter()
-    prev = vocab.eos_id
-    for i in test_ids[:m]:
-        _, st = lm.step_ids(st, np.array([prev]))
-        prev = int(i)
-    t_step = (time.perf_counter() - t0) / m
-    print(f"  alternative, step graph token by token: {1 / t_step:,.0f} tok/s "
-          f"(the scoring graph is {(1 / (t_ort / n)) * t_step:.1f}x faster)")
-
-    # 3. per-line scoring
-    t0 = time.perf_counter()
-    batched = lm.score_lines(lines, batch_size=64)
-    t_batched = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    serial = [lm.score(line) for line in lines]
-    t_serial = time.perf_counter() - t0
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        for line in lines[:300]:
-            ids = torch.tensor([vocab.stoi.get(w, vocab.unk_id) for w in line.split()] + [vocab.eos_id])
-            x = torch.cat([torch.tensor([vocab.eos_id]), ids[:-1]])[:, None]
-            model(x, model.init_state(1))
-        t_torch_lines = (time.perf_counter() - t0) * len(lines) / 300
-    assert all(abs(a.nll - b.nll) < 1e-3 for a, b in zip(batched, serial, strict=True))
-    print(f"  per-line scoring of {len(lines)} lines: batched {len(lines) / t_batched:,.0f} lines/s; "
-          f"serial ort loop {t_serial / t_batched:.1f}x slower, serial torch loop {t_torch_lines / t_batched:.1f}x slower  (goal >= 10x)")
-
-    # 6. int8
-    q = model_dir / "onnx-int8"
-    if (q / "manifest.json").exists():
-        lq = OrtLM.load(q, device="cpu", threads=args.threads)
-        t0 = time.perf_counter()
-        gq = lq.score_tokens(toks)
-        t_q = time.perf_counter() - t0
-        print(f"  int8: scoring {t_ort / t_q:.2f}x faster than fp32 (goal >= 1.8x); ppl on these tokens "
-              f"{math.exp(got.nll / n):.2f} -> {math.exp(gq.nll / n):.2f} ({math.exp((gq.nll - got.nll) / n) - 1:+.2%}, goal <= 2%)")
-
-    # 5. cold start
+def cold_start(bundle: Path, repeat: int = 5) -> float:
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
         f.write("the stock market fell\n")
     exe = Path(sys.executable).with_name("rnnlm")
     walls = []
-    for _ in range(3):
+    for _ in range(repeat):
         t0 = time.perf_counter()
-        subprocess.run([str(exe), "score", f.name, "--model", str(bundle), "--device", "cpu"], check=True,
-                       capture_output=True)
+        subprocess.run([str(exe), "score", f.name, "--model", str(bundle), "--device", "cpu"], check=True, capture_output=True)
         walls.append(time.perf_counter() - t0)
     os.unlink(f.name)
-    print(f"  cold start of `rnnlm score` on one line: {statistics.median(walls):.2f} s (median of 3; goal <= 0.6 s)\n")
+    return statistics.median(walls)
 
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x"
+
+
+def bench_cell(cell: str, args: argparse.Namespace, corpus: Any, lines: list[str]) -> dict[str, Any]:
+    print(f"== {cell}   load before: {os.getloadavg()[0]:.2f}", flush=True)
+    fp32_dir, quant_dir = bundles_for(cell, Path(args.models), Path(args.bundles), args.data_dir)
+    model, vocab = load_model_dir(Path(args.models) / cell)
+    model.eval()
+    tq, qnames = torch_int8(model)
+    lms = {"rnnlm fp32": OrtLM.load(fp32_dir, device="cpu", threads=args.threads),
+           "rnnlm quant": OrtLM.load(quant_dir, device="cpu", threads=args.threads)}
+    qm = json.loads((quant_dir / "manifest.json").read_text())["quantization"]
+    choices = ", ".join(f"{p['graph']}:{p['shape'][0]}x{p['shape'][1]}/{p['rows_per_call']}r={p['chosen']}" for p in qm["products"])
+    print(f"  {model.num_parameters() / 1e6:.2f}M parameters; torch int8 quantizes {len(qnames)} Linear modules; "
+          f"rnnlm quant products: {choices}")
+    res: dict[str, Any] = {"cell": cell}
+
+    step = step_latency(model, lms, tq, vocab.eos_id)
+    res["step"] = step
+    print("  1. step latency, batch 1: " + ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in step.items()))
+    print(f"     quant vs torch fp32 {ratio(step['torch fp32'], step['rnnlm quant'])} (goal >= 4x); "
+          f"vs torch int8 {ratio(step['torch int8'], step['rnnlm quant'])} (goal >= 1.5x); "
+          f"fp32 bundle vs torch fp32 {ratio(step['torch fp32'], step['rnnlm fp32'])}", flush=True)
+
+    test = corpus.test[: args.tokens] if args.tokens else corpus.test
+    sc = exact_scoring(model, tq, lms, test, vocab.eos_id, lms["rnnlm fp32"].chunk)
+    res["scoring"] = {k: {"seconds": t, "nll": n, "ppl": math.exp(n / len(test))} for k, (t, n) in sc.items()}
+    n = len(test)
+    print(f"  2. exact scoring, PTB test ({n:,} tokens), batch 1: " + ", ".join(
+        f"{k} {n / t:,.0f} tok/s ppl {math.exp(v / n):.4f}" for k, (t, v) in sc.items()))
+    fp32_diff = abs(sc["rnnlm fp32"][1] / sc["torch fp32"][1] - 1)
+    rise_test = math.exp((sc["rnnlm quant"][1] - sc["rnnlm fp32"][1]) / n) - 1
+    print(f"     quant vs torch fp32 {ratio(sc['torch fp32'][0], sc['rnnlm quant'][0])} (goal >= 4x); "
+          f"fp32 bundle nll vs torch: {fp32_diff:.1e} relative (goal <= 1e-6); quant ppl rise on test {rise_test:+.3%} "
+          f"(goal <= 1 %)", flush=True)
+    if args.valid:
+        valid = corpus.valid
+        v32 = lms["rnnlm fp32"].score_tokens([lms["rnnlm fp32"].tokenizer.token(vocab.itos[i]) for i in valid]).nll
+        vq = lms["rnnlm quant"].score_tokens([lms["rnnlm quant"].tokenizer.token(vocab.itos[i]) for i in valid]).nll
+        rise_valid = math.exp((vq - v32) / len(valid)) - 1
+        res["valid"] = {"fp32_ppl": math.exp(v32 / len(valid)), "quant_ppl": math.exp(vq / len(valid)), "rise": rise_valid}
+        print(f"     PTB valid: fp32 bundle ppl {math.exp(v32 / len(valid)):.4f}, quant {math.exp(vq / len(valid)):.4f}: "
+              f"rise {rise_valid:+.3%} (goal <= 1 %)", flush=True)
+
+    seqs = [[t.id for t in lms["rnnlm quant"].tokenizer.line_tokens(line)] for line in lines]
+    seqs = [s for s in seqs if s]
+    t_torch = torch_line_loop(model, seqs, vocab.eos_id)
+    per = {name: profiled_lines(lm, d, seqs, args.batch, args.threads)
+           for (name, lm), d in zip(lms.items(), (fp32_dir, quant_dir), strict=True)}
+    res["lines"] = {"torch serial": t_torch, **per}
+    print(f"  3. per-line scoring of {len(seqs):,} lines: serial torch loop {len(seqs) / t_torch:,.0f} lines/s; " + ", ".join(
+        f"{k} batched {len(seqs) / p['wall']:,.0f} lines/s ({ratio(t_torch, p['wall'])})" for k, p in per.items())
+        + "  (goal quant >= 10x)")
+    for k, p in per.items():
+        if not p["calls"]:
+            continue
+        rows = p["rows"] / p["calls"]
+        achieved = 2 * p["rows"] * p["k"] * len(vocab) / p["decoder"]
+        plain = plain_gemm(p["form"], p["k"], len(vocab), int(rows), args.threads)
+        p.update(achieved=achieved, plain=plain, rows_per_call=rows)
+        print(f"     {k}: decoder ({p['form']}) {p['decoder']:.2f} s of {p['runs']:.2f} s in the graph "
+              f"({p['decoder'] / p['runs']:.0%}), {rows:.0f} rows/call, {achieved / 1e9:.1f} GFLOP/s vs plain GEMM "
+              f"{plain / 1e9:.1f} GFLOP/s = {achieved / plain:.0%} (goal >= 50 %)", flush=True)
+
+    res["cold"] = {"rnnlm fp32": cold_start(fp32_dir), "rnnlm quant": cold_start(quant_dir)}
+    print("  4. cold start of `rnnlm score` on one line (median of 5): " + ", ".join(
+        f"{k} {v:.2f} s" for k, v in res["cold"].items()) + "  (goal <= 0.4 s)")
+    print(f"  load after: {os.getloadavg()[0]:.2f}\n", flush=True)
+    return res
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cells", nargs="+", default=["lstm", "rhn", "hypernets"])
-    ap.add_argument("--tokens", type=int, default=20000, help="PTB test tokens for the scoring comparison")
+    ap.add_argument("--models", default=str(ROOT / "models"), help="checkpoint directories MODELS/<cell>")
+    ap.add_argument("--bundles", default=str(ROOT / "models"), help="bundles in BUNDLES/<cell>/onnx and onnx-quant")
+    ap.add_argument("--tokens", type=int, default=0, help="PTB test tokens for exact scoring (0: all)")
     ap.add_argument("--lines", type=int, default=3000)
+    ap.add_argument("--batch", type=int, default=64, help="lines per onnxruntime call in per-line scoring")
+    ap.add_argument("--no-valid", dest="valid", action="store_false", help="skip the PTB valid perplexity rise")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--data-dir", default=os.environ.get("RNNLM_DATA_DIR", str(ROOT.parent / "shared/data/ptb")))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     corpus = load_ptb(args.data_dir, download=False)
-    test_ids = corpus.test[: args.tokens]
     lines = (Path(args.data_dir) / "ptb.test.txt").read_text().splitlines()[: args.lines]
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, {args.threads} threads; torch {torch.__version__}, "
-          f"onnxruntime {ort.__version__}\n")
-    bw = gemv_bandwidth(10_000, 256, args.threads)
-    print(f"measured GEMV bandwidth (ORT MatMul 256 x 10000 fp32): {bw / 1e9:.1f} GB/s\n")
-    with tempfile.TemporaryDirectory() as tmpdir:
-        for cell in args.cells:
-            bench_cell(cell, args, Path(tmpdir), bw, test_ids, lines)
+          f"onnxruntime {ort.__version__}; load {os.getloadavg()}\n")
+    results = [bench_cell(cell, args, corpus, lines) for cell in args.cells]
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
+
 
 if __name__ == "__main__":
     main()

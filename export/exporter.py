@@ -7,31 +7,50 @@ to its destination, validated, hashed, and renamed into place in one step.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.util
 import json
 import math
 import os
+import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 import torch
-from rnnlm.export import spec
+from rnnlm.export import quantize, spec
 from rnnlm.export.graphs import ScoreGraph, StepGraph, state_layout
-from rnnlm.export.passes import gemm_to_matmul
-from rnnlm.export.validate import TOLERANCE, run_score, run_step, session, validate
+from rnnlm.export.passes import drop_weight_identities, gemm_to_matmul, share_tied_weights
+from rnnlm.export.validate import TOLERANCE, Report, ValidationError, run_score, run_step, validate
 
 from rnnlm import __version__
-from rnnlm.checkpoint import load_model_dir
+from rnnlm.checkpoint import CONFIG, WEIGHTS, load_model_dir
+from rnnlm.checkpoint import VOCAB as VOCAB_FILE_CKPT
 from rnnlm.data import Vocabulary, load_ptb
 from rnnlm.errors import RnnlmError
 from rnnlm.fsutil import atomic_write_text, replace_dir, sha256, staging_dir
 from rnnlm.model import LanguageModel
 
-QUANT_TOLERANCE = 0.05  # the relative perplexity rise an int8 bundle may show
+if TYPE_CHECKING:
+    from rnnlm.serve.runtime import LanguageModel as Runtime
+
+MAX_PPL_RISE = 0.01  # the relative PTB-valid perplexity rise a quantized bundle may show (--max-ppl-rise)
+# max |Δ log p| of a quantized bundle against float32 PyTorch, over the validation cases (random token
+# sequences, far from text): int8 moves single log-probabilities by hundredths of a nat, 4-bit by tenths
+# (0.42 for the trained LSTM's 4-bit step graph, whose PTB perplexity moves by 0.01 %); beyond a nat the
+# graph is broken. Perplexity, on text, is the judge: see --max-ppl-rise.
+QUANT_LOGPROB_TOLERANCE = 1.0
+# The recurrent state, relative to max(1, |value|): quantized recurrent products move it by up to ~0.1 on
+# small random models; the log-probabilities and the perplexity are what the bundle is judged on.
+QUANT_STATE_TOLERANCE = 1.0
+QUANT_PROBE_TOLERANCE = 1e-2  # int8 kernels differ between CPUs (VNNI or not): the probe allows for it
 PROBE_TOKENS = 6
+STEP_CHECK_TOKENS = 16_384  # of the perplexity text, run through the step graph (32 streams side by side)
+QUANT_DIRS = {"auto": "onnx-quant", "int8": "onnx-int8"}
 
 
 def _fsync(path: Path) -> None:
@@ -39,7 +58,12 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _trace(module: torch.nn.Module, args: tuple[torch.Tensor, ...], graph: spec.GraphSpec, path: Path, opset: int) -> None:
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    onnx.save(model, str(path))
+    _fsync(path)
+
+
+def _trace(module: torch.nn.Module, args: tuple[torch.Tensor, ...], graph: spec.GraphSpec, path: Path, opset: int) -> onnx.ModelProto:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         # The TorchScript tracer: it unrolls the Python time loop into a fixed-length graph, names
@@ -49,8 +73,17 @@ def _trace(module: torch.nn.Module, args: tuple[torch.Tensor, ...], graph: spec.
                           external_data=False, do_constant_folding=True)
     model = onnx.load(str(path))
     gemm_to_matmul(model)
-    onnx.save(model, str(path))
-    _fsync(path)
+    drop_weight_identities(model)
+    _save_shared(model, path)
+    return model  # with every product a MatMul: what quantization plans on
+
+
+def _save_shared(model: onnx.ModelProto, path: Path) -> None:
+    """Save a copy of ``model`` that holds a tied decoder's matrix once (``share_tied_weights``)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    share_tied_weights(copy)
+    _save(copy, path)
 
 
 def _example_args(states: list[spec.StateSpec], chunk: int | None) -> tuple[torch.Tensor, ...]:
@@ -62,23 +95,14 @@ def _example_args(states: list[spec.StateSpec], chunk: int | None) -> tuple[torc
             torch.full((batch,), chunk, dtype=torch.long), *zeros)
 
 
-def score_tokens(score_path: Path, states: list[spec.StateSpec], chunk: int, ids: np.ndarray, start_id: int,
-                 threads: int = 0) -> float:
-    """Total NLL (nats) of a 1-D id stream, predicted from [start] + ids[:-1], at batch 1."""
-    sess = session(score_path, threads)
-    inputs = np.concatenate([[start_id], ids[:-1]]).astype(np.int64)[:, None]
-    picked, _ = run_score(sess, states, chunk, inputs, ids.astype(np.int64)[:, None], np.array([len(ids)], np.int64))
-    return -float(picked.astype(np.float64).sum())
-
-
-def _probe(step_path: Path, score_path: Path, states: list[spec.StateSpec], chunk: int, vocab: Vocabulary) -> dict[str, Any]:
+def _probe(lm: Runtime, vocab: Vocabulary, tolerance: float) -> dict[str, Any]:
     """A fixed input and the graphs' outputs for it: the runtime checks it reproduces them on load."""
     rng = np.random.default_rng(1234)
     seq = np.concatenate([[vocab.eos_id], rng.integers(0, len(vocab), PROBE_TOKENS)]).astype(np.int64)
-    lp, _ = run_step(session(step_path), states, seq[:-1, None])
-    picked, _ = run_score(session(score_path), states, chunk, seq[:-1, None], seq[1:, None], np.array([PROBE_TOKENS]))
+    lp, _ = run_step(lm, seq[:-1, None])
+    picked, _ = run_score(lm, seq[:-1, None], seq[1:, None], np.array([PROBE_TOKENS]))
     return {"tokens": seq.tolist(), "target_logprobs": [float(v) for v in picked[:, 0]],
-            "last_step_logprobs_head": [float(v) for v in lp[-1, 0, :16]], "tolerance": TOLERANCE}
+            "last_step_logprobs_head": [float(v) for v in lp[-1, 0, :16]], "tolerance": tolerance}
 
 
 def _resolve_paths(model_dir: str | Path | None, cell: str | None, out: str | Path | None, quantize: str | None) -> tuple[Path, Path]:
@@ -91,8 +115,104 @@ def _resolve_paths(model_dir: str | Path | None, cell: str | None, out: str | Pa
             raise RnnlmError(f"unknown cell {cell!r} (choose one of {', '.join(CELLS)})")
         model_dir = Path("models") / cell
     model_dir = Path(model_dir)
-    default = "onnx-int8" if quantize else "onnx"
+    default = QUANT_DIRS[quantize] if quantize else "onnx"
     return model_dir, Path(out) if out is not None else model_dir / default
+
+
+def refuse_shadowing(path: str | Path, option: str = "--out") -> None:
+    """Refuse a folder in the current directory named like an importable top-level module: Python
+    puts the current directory first on sys.path, so ``triton/`` there breaks ``import triton``
+    (torch's compiler imports it) for every command run from here."""
+    p = Path(path)
+    if not p.name.isidentifier() or p.resolve().parent != Path.cwd().resolve():
+        return
+    if p.name in sys.builtin_module_names or p.name in sys.stdlib_module_names:
+        found = True
+    else:
+        here = {"", ".", os.getcwd()}
+        saved = sys.path[:]
+        sys.path[:] = [x for x in saved if x not in here]
+        try:
+            found = importlib.util.find_spec(p.name) is not None
+        except (ImportError, ValueError):
+            found = False
+        finally:
+            sys.path[:] = saved
+    if found:
+        raise RnnlmError(f"{option} {path}: a folder named {p.name!r} in the current directory would shadow the "
+                         f"Python module {p.name!r}; choose another name (for Triton: model_repository/)")
+
+
+def source_identity(model_dir: Path) -> dict[str, Any]:
+    """What identifies the checkpoint without saying where it lives: its config's and weights' sha256."""
+    return {"config_sha256": sha256(model_dir / CONFIG), "weights_sha256": sha256(model_dir / WEIGHTS),
+            "vocab_sha256": sha256(model_dir / VOCAB_FILE_CKPT)}
+
+
+def _check_destination(out_dir: Path, source: dict[str, Any], force: bool) -> None:
+    """Refuse to replace a folder that is not a bundle, or a bundle of another checkpoint, unless forced."""
+    if not out_dir.exists() or force:
+        return
+    manifest = out_dir / spec.MANIFEST_FILE
+    if not manifest.is_file():
+        if out_dir.is_dir() and not any(out_dir.iterdir()):
+            return
+        raise RnnlmError(f"{out_dir} exists and is not a bundle: refusing to replace it (pass --force)")
+    try:
+        old = json.loads(manifest.read_text(encoding="utf-8")).get("source")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        old = None
+    same = isinstance(old, dict) and old.get("weights_sha256") == source["weights_sha256"] \
+        and old.get("config_sha256") == source["config_sha256"]
+    if not same:
+        raise RnnlmError(f"{out_dir} holds a bundle exported from another checkpoint: refusing to replace it (pass --force)")
+
+
+def _check_options(opset: int, chunk: int, quantize: str | None, max_ppl_rise: float) -> None:
+    if opset < spec.MIN_OPSET:
+        raise RnnlmError(f"--opset {opset} is too old: {spec.MIN_OPSET} or newer is needed (native LayerNormalization)")
+    if chunk < 1 or chunk > 512:
+        raise RnnlmError(f"--chunk must be in [1, 512], got {chunk}")
+    if quantize not in (None, *QUANT_DIRS):
+        raise RnnlmError(f"--quantize must be auto (per product, by measurement) or int8, not {quantize!r}")
+    if not 0 <= max_ppl_rise < 1:
+        raise RnnlmError(f"--max-ppl-rise must be in [0, 1), got {max_ppl_rise}")
+
+
+def _manifest(cfg: Any, vocab: Vocabulary, states: list[spec.StateSpec], step_spec: spec.GraphSpec,
+              score_spec: spec.GraphSpec, chunk: int, opset: int, source: dict[str, Any], tmp: Path,
+              extra: dict[str, Any]) -> dict[str, Any]:
+    manifest = {
+        "format": "rnnlm-bundle",
+        "format_version": spec.FORMAT_VERSION,
+        "cell": cfg.cell,
+        "config": dataclasses.asdict(cfg),
+        "vocab": {"file": spec.VOCAB_FILE, "size": len(vocab), "unk": "<unk>", "eos": "<eos>",
+                  "unk_id": vocab.unk_id, "eos_id": vocab.eos_id},
+        "text": cfg.text_spec().to_json(),
+        "graphs": {"step": step_spec.to_json(), "score": {**score_spec.to_json(), "chunk": chunk}},
+        "state": spec.states_to_json(states),
+        "opset": opset,
+        "producer": {"rnnlm": __version__, "torch": torch.__version__, "onnx": _version("onnx"),
+                     "onnxruntime": _version("onnxruntime")},
+        "probe": {"tokens": [], "target_logprobs": [], "last_step_logprobs_head": [], "tolerance": TOLERANCE},
+        "validation": None,
+        "metrics": {},
+        "quantization": None,
+        "source": source,
+        **extra,
+        "files": {name: {"sha256": sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+                  for name in (spec.STEP_FILE, spec.SCORE_FILE, spec.VOCAB_FILE)},
+    }
+    atomic_write_text(tmp / spec.MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _runtime(tmp: Path) -> Runtime:
+    from rnnlm.serve.bundle import Bundle
+    from rnnlm.serve.runtime import LanguageModel as Runtime
+
+    return Runtime(Bundle.open(tmp), device="cpu")
 
 
 def export_bundle(
@@ -103,74 +223,69 @@ def export_bundle(
     opset: int = spec.DEFAULT_OPSET,
     chunk: int = spec.DEFAULT_CHUNK,
     quantize: str | None = None,
-    quantize_tolerance: float = QUANT_TOLERANCE,
+    max_ppl_rise: float = MAX_PPL_RISE,
     force: bool = False,
     data_dir: str | Path | None = None,
     tolerance: float = TOLERANCE,
 ) -> dict[str, Any]:
     """Export a checkpoint directory to a validated bundle; return the manifest's summary."""
     t0 = time.monotonic()
-    if opset < spec.MIN_OPSET:
-        raise RnnlmError(f"--opset {opset} is too old: {spec.MIN_OPSET} or newer is needed (native LayerNormalization)")
-    if chunk < 1 or chunk > 512:
-        raise RnnlmError(f"--chunk must be in [1, 512], got {chunk}")
-    if quantize not in (None, "int8"):
-        raise RnnlmError(f"--quantize supports int8 only, not {quantize!r}")
+    _check_options(opset, chunk, quantize, max_ppl_rise)
     model_dir, out_dir = _resolve_paths(model_dir, cell, out, quantize)
-    is_bundle = (out_dir / spec.MANIFEST_FILE).is_file()
-    is_empty_dir = out_dir.is_dir() and not any(out_dir.iterdir())
-    if out_dir.exists() and not (is_bundle or is_empty_dir or force):
-        raise RnnlmError(f"{out_dir} exists and is not a bundle: refusing to replace it (pass --force)")
+    refuse_shadowing(out_dir)
     model, vocab = load_model_dir(model_dir)
+    source = source_identity(model_dir)
+    _check_destination(out_dir, source, force)
     cfg = model.cfg
     states = state_layout(model)
     step_spec, score_spec = spec.step_graph(states, cfg.vocab_size), spec.score_graph(states, chunk)
 
     with staging_dir(out_dir.parent, out_dir.name) as tmp:
         step_path, score_path = tmp / spec.STEP_FILE, tmp / spec.SCORE_FILE
-        _trace(StepGraph(model).eval(), _example_args(states, None), step_spec, step_path, opset)
-        _trace(ScoreGraph(model, chunk).eval(), _example_args(states, chunk), score_spec, score_path, opset)
-        report = validate(model, step_path, score_path, step_spec, score_spec, states, chunk, tolerance)
+        graphs = {"step": _trace(StepGraph(model).eval(), _example_args(states, None), step_spec, step_path, opset),
+                  "score": _trace(ScoreGraph(model, chunk).eval(), _example_args(states, chunk), score_spec, score_path, opset)}
+        vocab.save(tmp / spec.VOCAB_FILE)
+        stage = functools.partial(_manifest, cfg, vocab, states, step_spec, score_spec, chunk, opset, source, tmp)
+        stage({})
+        lm = _runtime(tmp)
+        report = validate(model, lm, tolerance)
         valid_ids = _valid_ids(cfg.level, vocab, data_dir)
         metrics: dict[str, Any] = {}
         if valid_ids is not None:
-            nll = score_tokens(score_path, states, chunk, valid_ids, vocab.eos_id)
+            nll = score_ids(lm, valid_ids)
             metrics = {"valid_tokens": len(valid_ids), "valid_nll": nll, "valid_ppl": math.exp(nll / len(valid_ids))}
-        quant = None
+        quant, probe_tol = None, tolerance
         if quantize:
-            quant = _quantize(model, tmp, states, chunk, vocab, valid_ids, quantize_tolerance)
-            if valid_ids is not None:  # _quantize scored exactly these ids: report the int8 bundle's own ppl
-                metrics["valid_ppl"] = quant["int8_ppl"]
-        vocab.save(tmp / spec.VOCAB_FILE)
-        manifest = {
-            "format": "rnnlm-bundle",
-            "format_version": spec.FORMAT_VERSION,
-            "cell": cfg.cell,
-            "config": dataclasses.asdict(cfg),
-            "vocab": {"file": spec.VOCAB_FILE, "size": len(vocab), "unk": "<unk>", "eos": "<eos>",
-                      "unk_id": vocab.unk_id, "eos_id": vocab.eos_id},
-            "text": cfg.text_spec().to_json(),
-            "graphs": {"step": step_spec.to_json(), "score": {**score_spec.to_json(), "chunk": chunk}},
-            "state": spec.states_to_json(states),
-            "opset": opset,
-            "producer": {"rnnlm": __version__, "torch": torch.__version__, "onnx": _version("onnx"),
-                         "onnxruntime": _version("onnxruntime")},
-            "probe": _probe(step_path, score_path, states, chunk, vocab),
-            "validation": {"tolerance": tolerance, "max_abs_logprob_diff": report.max_logprob_diff,
-                           "max_abs_state_diff": report.max_state_diff, "cases": report.cases},
-            "metrics": metrics,
-            "quantization": quant,
-            "source": str(model_dir),
-            "files": {name: {"sha256": sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
-                      for name in (spec.STEP_FILE, spec.SCORE_FILE, spec.VOCAB_FILE)},
-        }
-        atomic_write_text(tmp / spec.MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+            ids = valid_ids if valid_ids is not None else _sample_text(model, vocab, 3000)
+            quant, lm, report = _quantize(model, graphs, tmp, stage, lm, ids, valid_ids is not None, quantize, chunk,
+                                          max_ppl_rise)
+            probe_tol = QUANT_PROBE_TOLERANCE
+            if valid_ids is not None:  # the quantized bundle's own perplexity
+                metrics = {"valid_tokens": len(valid_ids), "valid_nll": quant["nll"], "valid_ppl": quant["ppl"]}
+        validation = {"tolerance": quant["validation"]["tolerance"] if quant else tolerance,
+                      "max_abs_logprob_diff": report.max_logprob_diff, "max_abs_state_diff": report.max_state_diff,
+                      "cases": report.cases, "against": "eval-mode PyTorch, float32 weights"}
+        stage({"probe": _probe(lm, vocab, probe_tol), "validation": validation, "metrics": metrics, "quantization": quant})
+        del lm
         replace_dir(tmp, out_dir)
     summary = {"bundle": str(out_dir), "cell": cfg.cell, "seconds": round(time.monotonic() - t0, 1),
                "max_abs_logprob_diff": report.max_logprob_diff, "max_abs_state_diff": report.max_state_diff, **metrics}
     if quant:
-        summary["quantization"] = quant
+        summary["quantization"] = {k: v for k, v in quant.items() if k != "products"}
+        summary["quantization"]["choices"] = {f"{p['graph']}:{p['weight']}": p["chosen"] for p in quant["products"]}
     return summary
+
+
+def score_ids(lm: Runtime, ids: np.ndarray) -> float:
+    """Total NLL (nats) of a 1-D id stream at batch 1, predicted from <eos> + ids[:-1], through the runtime."""
+    total, state, prev = 0.0, None, lm.eos_id
+    for start in range(0, len(ids), 4096):
+        block = np.asarray(ids[start : start + 4096], np.int64)
+        inputs = np.concatenate([[prev], block[:-1]])
+        picked, state = lm._score_ids(inputs[:, None], block[:, None], np.array([len(block)]), state)
+        total -= float(picked.astype(np.float64).sum())
+        prev = int(block[-1])
+    return total
 
 
 def _version(module: str) -> str:
@@ -189,48 +304,95 @@ def _valid_ids(level: str, vocab: Vocabulary, data_dir: str | Path | None) -> np
     return corpus.valid if corpus.vocab == vocab else None
 
 
-def _quantize(model: LanguageModel, tmp: Path, states: list[spec.StateSpec], chunk: int, vocab: Vocabulary,
-              valid_ids: np.ndarray | None, tolerance: float) -> dict[str, Any]:
-    """Dynamic int8 quantization of the weight matrices, checked by perplexity, not elementwise."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def step_nll(lm: Runtime, ids: np.ndarray, streams: int = 32) -> float:
+    """Total NLL (nats) of ``ids`` through the step graph (generation's graph): cut into ``streams``
+    sequences stepped side by side, each from a fresh state and predicted from <eos>."""
+    n = len(ids) // streams
+    cols = np.asarray(ids[: n * streams], np.int64).reshape(streams, n).T  # (n, streams)
+    state, prev, total = lm.initial_state(streams), np.full(streams, lm.eos_id, np.int64), 0.0
+    for t in range(n):
+        logprobs, state = lm.step_ids(state, prev)
+        total -= float(logprobs[np.arange(streams), cols[t]].astype(np.float64).sum())
+        prev = cols[t]
+    return total
 
-    ids = valid_ids if valid_ids is not None else _sample_text(model, vocab, 3000)
-    fp32 = {name: tmp / f"fp32-{name}" for name in (spec.STEP_FILE, spec.SCORE_FILE)}
-    for name, src in fp32.items():
-        os.replace(tmp / name, src)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                # DefaultTensorType: shape inference cannot type every intermediate of the traced graph.
-                # MatMul only: they hold the large weights (projections, decoder); quantizing the small
-                # Gemm of the traced graphs produces models onnxruntime then refuses.
-                quantize_dynamic(str(src), str(tmp / name), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-            except Exception as e:
-                raise RnnlmError(f"int8 quantization of {name} failed: {type(e).__name__}: {e}", code=1) from None
-        _fsync(tmp / name)
+
+def _nlls(lm: Runtime, ids: np.ndarray) -> tuple[dict[str, float], float]:
+    """NLL per token of ``ids`` through each graph (the step graph on the first STEP_CHECK_TOKENS), and
+    the scoring graph's seconds."""
+    t = time.perf_counter()
+    score = score_ids(lm, ids) / len(ids)
+    seconds = time.perf_counter() - t
+    few = ids[:STEP_CHECK_TOKENS]
+    return {"score": score, "step": step_nll(lm, few) / (len(few) // 32 * 32)}, seconds
+
+
+def _quantize(model: LanguageModel, graphs: dict[str, onnx.ModelProto], tmp: Path, stage: Callable[[dict[str, Any]], Any],
+              lm: Runtime, ids: np.ndarray, is_valid: bool, mode: str, chunk: int,
+              max_ppl_rise: float) -> tuple[dict[str, Any], Runtime, Report]:
+    """Quantize the products where it pays (``export.quantize``), then check the quantized graphs
+    themselves, each of them: by perplexity against the float32 graphs (the scoring graph on all of
+    ``ids``, the step graph on its first STEP_CHECK_TOKENS) and against PyTorch (max |Δ log p|). A
+    graph that fails has its 4-bit products demoted to int8 and the bundle is rebuilt; when even that
+    fails, export refuses."""
+    nll32, t32 = _nlls(lm, ids)
+    threads = os.cpu_count() or 1
+    rows = quantize.plan(graphs, chunk, threads, None if mode == "auto" else ["fp32", "int8"])
+    if mode == "int8":  # every product int8, as asked; the measurement is still recorded
+        for r in rows:
+            r["chosen"] = "int8"
+    attempts: list[dict[str, Any]] = []
+    while True:
+        lm = _stage_quantized(graphs, rows, tmp, stage)
+        nllq, tq = _nlls(lm, ids)
+        rises = {g: math.exp(nllq[g] - nll32[g]) - 1 for g in nllq}
+        try:
+            report, problem = validate(model, lm, QUANT_LOGPROB_TOLERANCE, state_tol=QUANT_STATE_TOLERANCE,
+                                       what="the quantized bundle"), None
+        except ValidationError as e:
+            report, problem = None, e
+        failed = {g for g, r in rises.items() if r > max_ppl_rise}
+        if problem is not None:
+            failed |= {"step", "score"}
+        attempts.append({"choices": sorted({r["chosen"] for r in rows}), "ppl_rise": rises,
+                         "validation": "passed" if problem is None else problem.message})
+        if not failed:
+            break
+        if not any(quantize.demote(rows, "nbits4", "int8", graph=g) for g in sorted(failed)):
+            g = max(rises, key=lambda k: rises[k])
+            if rises[g] <= max_ppl_rise and problem is not None:
+                raise problem
+            raise RnnlmError(f"quantization raised the {g} graph's perplexity by {rises[g]:.2%} "
+                             f"({math.exp(nll32[g]):.2f} -> {math.exp(nllq[g]):.2f}), over the --max-ppl-rise "
+                             f"{max_ppl_rise:.2%}: no bundle written", code=1)
+    assert report is not None
+    ppl32, pplq = math.exp(nll32["score"]), math.exp(nllq["score"])
+    result = {"mode": mode, "method": "per product by measurement: fp32, int8 (DynamicQuantizeMatMul, per-column "
+              "scales), 4-bit (MatMulNBits), bf16 where onnxruntime has a kernel", "threads": threads,
+              "products": rows, "attempts": attempts, "text": "PTB valid" if is_valid else "sampled from the model",
+              "tokens": int(len(ids)), "fp32_ppl": ppl32, "ppl": pplq, "nll": nllq["score"] * len(ids),
+              "ppl_rise": rises["score"], "step_graph_ppl_rise": rises["step"],
+              "step_graph_tokens": len(ids[:STEP_CHECK_TOKENS]) // 32 * 32, "max_ppl_rise": max_ppl_rise,
+              "scoring_speedup": t32 / tq,
+              "validation": {"tolerance": QUANT_LOGPROB_TOLERANCE, "state_tolerance": QUANT_STATE_TOLERANCE,
+                             "max_abs_logprob_diff": report.max_logprob_diff,
+                             "max_abs_state_diff": report.max_state_diff}}
+    return result, lm, report
+
+
+def _stage_quantized(graphs: dict[str, onnx.ModelProto], rows: list[dict[str, Any]], tmp: Path,
+                     stage: Callable[[dict[str, Any]], Any]) -> Runtime:
+    """Write both graphs with the products' chosen forms, restage the manifest, load it in the runtime."""
+    for key, graph in graphs.items():
+        q = onnx.ModelProto()
+        q.CopyFrom(graph)
+        quantize.apply_forms(q, {r["weight"]: r["chosen"] for r in rows if r["graph"] == key})
+        _save_shared(q, tmp / (spec.STEP_FILE if key == "step" else spec.SCORE_FILE))
+    stage({})
     try:
-        t = time.perf_counter()
-        nll32 = score_tokens(fp32[spec.SCORE_FILE], states, chunk, ids, vocab.eos_id, threads=1)
-        t32 = time.perf_counter() - t
-        t = time.perf_counter()
-        nll8 = score_tokens(tmp / spec.SCORE_FILE, states, chunk, ids, vocab.eos_id, threads=1)
-        t8 = time.perf_counter() - t
-        session(tmp / spec.STEP_FILE)
-    except Exception as e:
-        raise RnnlmError(f"the int8 graphs do not run in onnxruntime: {str(e).splitlines()[0][:300]}", code=1) from None
-    for src in fp32.values():
-        src.unlink()
-    ppl32, ppl8 = math.exp(nll32 / len(ids)), math.exp(nll8 / len(ids))
-    rise = ppl8 / ppl32 - 1
-    result = {"method": "onnxruntime quantize_dynamic, QInt8 weights", "tokens": int(len(ids)),
-              "text": "PTB valid" if valid_ids is not None else "sampled from the model",
-              "fp32_ppl": ppl32, "int8_ppl": ppl8, "ppl_rise": rise, "tolerance": tolerance,
-              "scoring_speedup_1_thread": t32 / t8}
-    if rise > tolerance:
-        raise RnnlmError(f"int8 quantization raised perplexity by {rise:.2%} ({ppl32:.2f} -> {ppl8:.2f}), "
-                         f"over the {tolerance:.0%} tolerance: no bundle written", code=1)
-    return result
+        return _runtime(tmp)
+    except RnnlmError as e:
+        raise RnnlmError(f"the quantized graphs do not load in onnxruntime: {e.message}", code=1) from None
 
 
 @torch.no_grad()

@@ -46,7 +46,9 @@ class ScoreGraph(nn.Module):
     """token_ids (C, B), targets (C, B), lengths (B,), *state -> target_logprobs (C, B), *next_state.
 
     All C steps of the recurrence run (each sample's state frozen after lengths[b]); then the
-    vocabulary projection and log-softmax are one batched product over all C * B positions.
+    vocabulary projection and log-softmax are one batched product over the positions that hold a
+    token, and only those: padding (a chunk's tail past a sample's length, which a batch of short
+    lines is mostly made of) never reaches the 10,000-way product. Padding positions return 0.
     """
 
     def __init__(self, model: LanguageModel, chunk: int) -> None:
@@ -57,7 +59,9 @@ class ScoreGraph(nn.Module):
         steps = torch.arange(self.chunk, device=token_ids.device).unsqueeze(1)  # (C, 1)
         keep = steps < lengths.unsqueeze(0)  # (C, B)
         hidden, state = self.model.hidden(token_ids, unflatten_state(self.model, flat_state), keep.unsqueeze(-1))
-        logprobs = F.log_softmax(self.model.decoder(hidden), dim=-1)  # (C, B, V)
-        picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (C, B)
-        picked = torch.where(keep, picked, torch.zeros_like(picked))
-        return (picked, *flatten_state(state))
+        rows = keep.reshape(-1).nonzero().squeeze(1)  # (N,): the positions that hold a token, of C * B
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)  # (N, H)
+        logprobs = F.log_softmax(self.model.decoder(h), dim=-1)  # (N, V)
+        picked = logprobs.gather(1, targets.reshape(-1).index_select(0, rows).unsqueeze(1)).squeeze(1)  # (N,)
+        out = torch.zeros(keep.numel(), dtype=picked.dtype, device=picked.device).index_copy(0, rows, picked)
+        return (out.reshape(keep.shape), *flatten_state(state))  # (C, B)

@@ -46,3 +46,66 @@ def gemm_to_matmul(model: onnx.ModelProto) -> int:
     del graph.initializer[:]
     graph.initializer.extend(keep)
     return rewritten
+
+
+def drop_weight_identities(model: onnx.ModelProto) -> int:
+    """Remove Identity nodes that only alias an initializer (the tracer writes one per unrolled step for
+    a weight used at every step), pointing their consumers at the initializer itself. Quantization
+    then sees one weight with all its uses. Returns how many were removed."""
+    graph = model.graph
+    inits = {i.name for i in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    alias = {n.output[0]: n.input[0] for n in graph.node
+             if n.op_type == "Identity" and n.input[0] in inits and n.output[0] not in outputs}
+    if not alias:
+        return 0
+    keep = [n for n in graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    for n in keep:
+        for i, name in enumerate(n.input):
+            if name in alias:
+                n.input[i] = alias[name]
+    del graph.node[:]
+    graph.node.extend(keep)
+    return len(alias)
+
+
+def share_tied_weights(model: onnx.ModelProto) -> int:
+    """Undo ``gemm_to_matmul``'s transposed copy where the original matrix is still in the graph (a tied
+    decoder: the embedding's Gather reads it): MatMul(x, W.T) on a 2-D x becomes Gemm(x, W, transB=1),
+    the same product from the one copy. The file then holds the 10,000 x 256 matrix once, not twice,
+    and loading hashes and parses that many fewer bytes. Returns how many products were rewritten."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    ranks = _ranks(graph)
+    rewritten = 0
+    for i, node in enumerate(graph.node):
+        if node.op_type != "MatMul" or not node.input[1].endswith(".T") or ranks.get(node.input[0]) != 2:
+            continue
+        original = node.input[1][:-2]
+        if original not in inits or node.input[1] not in inits:
+            continue
+        if not np.array_equal(numpy_helper.to_array(inits[original]).T, numpy_helper.to_array(inits[node.input[1]])):
+            continue
+        gemm = helper.make_node("Gemm", [node.input[0], original], list(node.output), name=f"{node.name}.Gemm", transB=1)
+        graph.node.remove(node)
+        graph.node.insert(i, gemm)
+        rewritten += 1
+    used = {name for n in graph.node for name in n.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return rewritten
+
+
+def _ranks(graph: onnx.GraphProto) -> dict[str, int]:
+    """Ranks of the tensors shape inference knows (inputs, outputs and value_info)."""
+    model = helper.make_model(graph)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # noqa: BLE001 - an unknown rank only means no rewrite
+        inferred = graph
+    out = {}
+    for v in [*inferred.input, *inferred.output, *inferred.value_info]:
+        if v.type.tensor_type.HasField("shape"):
+            out[v.name] = len(v.type.tensor_type.shape.dim)
+    return out

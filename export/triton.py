@@ -40,6 +40,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from rnnlm.serve.bundle import Bundle
+from rnnlm.serve.runtime import LanguageModel as Runtime
 
 from rnnlm.errors import RnnlmError
 from rnnlm.fsutil import atomic_write_bytes, atomic_write_text, replace_dir, sha256, staging_dir
@@ -103,12 +104,17 @@ def write_triton_repository(
     if not (math.isfinite(max_sequence_idle_seconds) and max_sequence_idle_seconds > 0):
         raise RnnlmError(f"max_sequence_idle_seconds must be > 0, got {max_sequence_idle_seconds}")
     repo = Path(repo_dir)
+    from rnnlm.export.exporter import refuse_shadowing  # torch-free at call time: the exporter imports torch
+
+    refuse_shadowing(repo, "--triton")
     _check_destination(repo, name, force)
 
     inputs, outputs, states = _interface(m)
     step_path = bundle.file("step")
+    # The runtime that ships the bundle checks its graphs' inputs and outputs against the manifest and
+    # reruns its probe: one graph-I/O check for export, serving and this copy.
+    Runtime(bundle, device="cpu", eager=True)
     source = onnx.load(str(step_path))
-    _check_graph_names(source, m["graphs"]["step"], step_path)
     model = with_sequence_controls(source, states)
     try:
         onnx.checker.check_model(model, full_check=True)
@@ -215,13 +221,6 @@ def _interface(m: dict[str, Any]) -> tuple[list[_Tensor], list[_Tensor], list[_S
     if {START, READY} & (set(ins) | set(outs)):
         raise RnnlmError(f"the step graph already has a tensor named {START} or {READY}")
     return inputs, outputs, states
-
-
-def _check_graph_names(model: onnx.ModelProto, step: dict[str, Any], path: Path) -> None:
-    for kind, declared, actual in (("inputs", step["inputs"], model.graph.input), ("outputs", step["outputs"], model.graph.output)):
-        if [t["name"] for t in declared] != [v.name for v in actual]:
-            raise RnnlmError(f"{path}: graph {kind} {[v.name for v in actual]} differ from the manifest's "
-                             f"{[t['name'] for t in declared]}")
 
 
 # ----------------------------------------------------------------------------- the graph

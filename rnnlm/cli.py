@@ -275,8 +275,11 @@ def export(
     out: Annotated[Path | None, typer.Option(help="Bundle directory (default: <model>/onnx, or <model>/onnx-int8).")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset, 17 or newer (native LayerNormalization).")] = 18,
     chunk: Annotated[int, typer.Option(help="Time steps per call of the scoring graph.")] = 32,
-    quantize: Annotated[str | None, typer.Option(help="int8: dynamic int8 weights, checked by perplexity.")] = None,
-    force: Annotated[bool, typer.Option(help="Replace --out even if it is not a bundle.")] = False,
+    quantize: Annotated[str | None, typer.Option(help="auto: each large product in the form measured fastest (fp32, "
+                                                 "int8, 4-bit); int8: every large product int8. Checked by perplexity.")] = None,
+    max_ppl_rise: Annotated[float, typer.Option(help="With --quantize: refuse a bundle whose PTB valid perplexity rises "
+                                                "more than this fraction over float32.")] = 0.01,
+    force: Annotated[bool, typer.Option(help="Replace --out even if it is not a bundle, or a bundle of another checkpoint.")] = False,
     triton: Annotated[Path | None, typer.Option(help="Also write an NVIDIA Triton model repository here (onnxruntime "
                                                 "backend, sequence batcher with implicit state).")] = None,
     data_dir: DataDirOpt = None,
@@ -294,8 +297,12 @@ def export(
     """
     from rnnlm.export import export_bundle
 
+    if triton is not None:  # refuse a shadowing folder before anything is written
+        from rnnlm.export.exporter import refuse_shadowing
+
+        run(lambda: refuse_shadowing(triton, "--triton"))
     summary = run(lambda: export_bundle(model_dir, cell=cell, out=out, opset=opset, chunk=chunk, quantize=quantize,
-                                        force=force, data_dir=data_dir))
+                                        max_ppl_rise=max_ppl_rise, force=force, data_dir=data_dir))
     if triton is not None:
         from rnnlm.export.triton import write_triton_repository
 
@@ -306,8 +313,10 @@ def export(
         text += f"; PTB valid ppl {summary['valid_ppl']:.2f}"
     if "quantization" in summary:
         q = summary["quantization"]
-        text += (f"\nint8: ppl {q['fp32_ppl']:.2f} -> {q['int8_ppl']:.2f} ({q['ppl_rise']:+.2%}), "
-                 f"scoring {q['scoring_speedup_1_thread']:.2f}x faster (1 thread)")
+        text += (f"\nquantized ({q['mode']}): ppl {q['fp32_ppl']:.2f} -> {q['ppl']:.2f} ({q['ppl_rise']:+.2%}, at most "
+                 f"{q['max_ppl_rise']:.2%}), scoring {q['scoring_speedup']:.2f}x faster; max |Δ log p| vs PyTorch "
+                 f"{q['validation']['max_abs_logprob_diff']:.1e}\nproducts: "
+                 + ", ".join(f"{k} {v}" for k, v in q["choices"].items()))
     if "triton" in summary:
         text += f"\nTriton model repository: {summary['triton']}"
     emit(summary, as_json, text)

@@ -7,19 +7,21 @@ logits dimension; the probe (a fixed input with its expected outputs) is run by 
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rnnlm.errors import RnnlmError
-from rnnlm.fsutil import sha256
 from rnnlm.text import TextSpec
 from rnnlm.vocab import Vocabulary
 
 FORMAT = "rnnlm-bundle"
 SUPPORTED_VERSIONS = (1,)
 MANIFEST = "manifest.json"
+GRAPH_SUFFIXES = (".onnx",)
 
 
 class BundleError(RnnlmError):
@@ -50,9 +52,15 @@ def find_bundle(path: str | Path | None, search_root: str | Path = "models") -> 
 class Bundle:
     path: Path
     manifest: dict[str, Any]
+    # file name -> the future of its verification (its bytes for a graph, else None): see ``open``
+    _pending: dict[str, Future[bytes | None]] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def open(cls, path: str | Path | None, *, verify_hashes: bool = True) -> Bundle:
+    def open(cls, path: str | Path | None, *, verify_hashes: bool | str = True) -> Bundle:
+        """Open and check a bundle's manifest. ``verify_hashes``: True checks every file's size and sha256
+        now; "background" starts those checks on threads (hashlib releases the GIL) and returns, and
+        ``verify_files`` or ``verified_bytes`` wait for them: the runtime creates its first session while
+        the other files are hashed, and calls ``verify_files`` before it returns."""
         directory = find_bundle(path)
         mpath = directory / MANIFEST
         try:
@@ -70,20 +78,59 @@ class Bundle:
                 raise BundleError(f"{mpath}: the manifest has no {key!r} entry")
         bundle = cls(directory, manifest)
         if verify_hashes:
-            bundle.verify_files()
+            bundle._start_verification()
+            if verify_hashes != "background":
+                bundle.verify_files()
         return bundle
 
+    def _start_verification(self) -> None:
+        names = list(self.manifest["files"])
+        pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rnnlm-hash")
+        score = self.manifest["graphs"].get("score", {}).get("file")
+
+        def first(n: str) -> int:  # what the first session waits for goes first
+            return 0 if n == score else 1 if n.endswith(GRAPH_SUFFIXES) else 2
+
+        for name in sorted(names, key=first):
+            self._pending[name] = pool.submit(self._read_verified, name)
+        pool.shutdown(wait=False)  # the threads finish the queued checks, then exit
+
+    def _read_verified(self, name: str) -> bytes | None:
+        """The file's bytes after checking its size and sha256 against the manifest (None for a non-graph)."""
+        meta = self.manifest["files"][name]
+        f = self.path / name
+        try:
+            data = f.read_bytes()
+        except FileNotFoundError:
+            raise BundleError(f"{f}: missing (listed in {MANIFEST})") from None
+        except IsADirectoryError:
+            raise BundleError(f"{f}: a directory, not a file (listed in {MANIFEST})") from None
+        if len(data) != meta["bytes"]:
+            raise BundleError(f"{f}: size {len(data)} bytes, manifest says {meta['bytes']} (truncated or replaced)")
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != meta["sha256"]:
+            raise BundleError(f"{f}: sha256 {digest[:16]}... does not match the manifest's {meta['sha256'][:16]}...")
+        return data if name.endswith(GRAPH_SUFFIXES) else None
+
     def verify_files(self) -> None:
-        for name, meta in self.manifest["files"].items():
-            f = self.path / name
-            if not f.is_file():
-                raise BundleError(f"{f}: missing (listed in {MANIFEST})")
-            size = f.stat().st_size
-            if size != meta["bytes"]:
-                raise BundleError(f"{f}: size {size} bytes, manifest says {meta['bytes']} (truncated or replaced)")
-            digest = sha256(f)
-            if digest != meta["sha256"]:
-                raise BundleError(f"{f}: sha256 {digest[:16]}... does not match the manifest's {meta['sha256'][:16]}...")
+        """Wait for (or run) the check of every file the manifest lists; raise the first failure."""
+        if not self._pending:
+            self._start_verification()
+        for name in self.manifest["files"]:
+            self._pending[name].result()
+
+    def verified_bytes(self, name: str) -> bytes:
+        """A graph file's bytes, checked against the manifest: what a session is created from, so
+        that what runs is what was hashed (read once, no window between the check and the load)."""
+        if name not in self.manifest["files"]:
+            raise BundleError(f"{self.path / name}: not listed in {MANIFEST}, so it cannot be verified")
+        pending = self._pending.pop(name, None)
+        data = pending.result() if pending is not None else None
+        if data is None:
+            data = self._read_verified(name)
+        assert data is not None
+        self._pending[name] = _done(None)
+        return data
 
     def file(self, key: str) -> Path:
         return self.path / self.manifest["graphs"][key]["file"]
@@ -120,3 +167,9 @@ class Bundle:
             raise BundleError(f"{self.path / MANIFEST}: the text entry is incomplete ({e})") from None
         except RnnlmError as e:
             raise BundleError(f"{self.path / MANIFEST}: {e.message}") from None
+
+
+def _done(value: bytes | None) -> Future[bytes | None]:
+    f: Future[bytes | None] = Future()
+    f.set_result(value)
+    return f

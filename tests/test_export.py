@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,7 @@ from bundles import (
 )
 from rnnlm.export import spec
 from rnnlm.export.graphs import ScoreGraph
-from rnnlm.export.validate import ValidationError, run_score, run_step, session
+from rnnlm.export.validate import ValidationError
 from typer.testing import CliRunner
 
 from rnnlm.checkpoint import load_model_dir
@@ -66,6 +67,41 @@ def torch_logprobs(model: LanguageModel, tokens: np.ndarray) -> tuple[np.ndarray
 
 def picked(logprobs: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return np.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+
+
+def session(path: Path, threads: int = 1) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def zero_state(states: list[spec.StateSpec], batch: int) -> dict[str, np.ndarray]:
+    return {s.input: np.zeros((batch, s.size), np.float32) for s in states}
+
+
+def run_step(sess: ort.InferenceSession, states: list[spec.StateSpec], tokens: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The step graph driven here, apart from the runtime: tokens (L, B) -> logprobs (L, B, V), final state."""
+    state, out = zero_state(states, tokens.shape[1]), []
+    for t in range(tokens.shape[0]):
+        logprobs, *new = sess.run(None, {"token_ids": tokens[t], **state})
+        out.append(logprobs)
+        state = {s.input: v for s, v in zip(states, new, strict=True)}
+    return np.stack(out), state
+
+
+def run_score(sess: ort.InferenceSession, states: list[spec.StateSpec], chunk: int, tokens: np.ndarray,
+              targets: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The scoring graph driven here in full chunks (every column in every call), apart from the runtime."""
+    L, B = tokens.shape
+    state, out = zero_state(states, B), np.zeros((L, B), np.float32)
+    for start in range(0, max(L, 1), chunk):
+        n = min(chunk, L - start)
+        x, y = np.zeros((chunk, B), np.int64), np.zeros((chunk, B), np.int64)
+        x[:n], y[:n] = tokens[start : start + n], targets[start : start + n]
+        lp, *new = sess.run(None, {"token_ids": x, "targets": y, "lengths": np.clip(lengths - start, 0, chunk), **state})
+        out[start : start + n] = lp[:n]
+        state = {s.input: v for s, v in zip(states, new, strict=True)}
+    return out, state
 
 
 # ------------------------------------------------------------------------------- 1. the bundle
@@ -224,7 +260,7 @@ def test_validation_refuses_a_broken_export(
     hashes = {p: file_sha256(tmp_path / p) for p in before if (tmp_path / p).is_file()}
     (_perturb_score_output if breakage == "score-logprobs" else _perturb_reference_state)(monkeypatch)
     with pytest.raises(ValidationError) as info:
-        export(small_ckpt, out)
+        export(small_ckpt, out, force=over_existing)  # the bundle there is another checkpoint's
     msg = info.value.message
     assert info.value.code == 1 and "disagrees with PyTorch beyond 0.0001" in msg
     if breakage == "score-logprobs":  # only the scoring graph is off, by exactly 1e-2 in log p
@@ -283,7 +319,9 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path, Path], dict], list[str]]] = {
     "out-is-a-file": (lambda r, s: {"model_dir": s, "out": r / "notes.txt"}, ["is not a bundle"]),
     "opset-16": (lambda r, s: {"model_dir": s, "out": r / "out", "opset": 16}, ["--opset 16", "17"]),
     "chunk-0": (lambda r, s: {"model_dir": s, "out": r / "out", "chunk": 0}, ["--chunk"]),
-    "quantize-int4": (lambda r, s: {"model_dir": s, "out": r / "out", "quantize": "int4"}, ["int8 only"]),
+    "quantize-int4": (lambda r, s: {"model_dir": s, "out": r / "out", "quantize": "int4"}, ["--quantize must be auto", "int8"]),
+    "max-ppl-rise-negative": (lambda r, s: {"model_dir": s, "out": r / "out", "quantize": "auto", "max_ppl_rise": -0.1},
+                              ["--max-ppl-rise"]),
 }
 
 
@@ -338,26 +376,189 @@ def test_cli_export_refusals_are_one_error_line(small_ckpt: Path, tmp_path: Path
 # ----------------------------------------------------------------------------------- 5. int8
 
 
-def test_int8_quantization_is_measured_and_loads(built: Callable[[str, bool], Built], tmp_path: Path) -> None:
+@pytest.fixture
+def small_products(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let the tiny test models' products count as large, and time each form briefly."""
+    from rnnlm.export import quantize
+
+    monkeypatch.setattr(quantize, "MIN_ELEMENTS", 0)
+    monkeypatch.setattr(quantize, "TIME_PER_CANDIDATE", 0.003)
+
+
+@pytest.mark.usefixtures("small_products")
+@pytest.mark.parametrize("mode", ["auto", "int8"])
+def test_quantized_bundle_is_measured_validated_and_loads(built: Callable[[str, bool], Built], tmp_path: Path,
+                                                          mode: str) -> None:
+    from rnnlm.export import quantize
     from rnnlm.serve import LanguageModel as Runtime
 
     fp32 = built("lstm", True)
-    out = tmp_path / "int8"
-    summary = export(fp32.checkpoint, out, quantize="int8")
-    q = read_manifest(out)["quantization"]
-    assert summary["quantization"] == q
-    assert q["fp32_ppl"] > 1 and q["int8_ppl"] > 1 and q["tokens"] == 3000 and q["text"] == "sampled from the model"
-    assert q["ppl_rise"] == pytest.approx(q["int8_ppl"] / q["fp32_ppl"] - 1)
-    assert q["ppl_rise"] <= q["tolerance"] == 0.05
-    assert sorted(p.name for p in out.iterdir()) == sorted(BUNDLE_FILES)  # the fp32 graphs were removed
-    ops = {n.op_type for n in onnx.load(str(out / "score.onnx")).graph.node}
-    assert ops & {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}, ops
+    out = tmp_path / "q"
+    summary = export(fp32.checkpoint, out, quantize=mode)
     m = read_manifest(out)
+    q = m["quantization"]
+    assert q["mode"] == mode and q["fp32_ppl"] > 1 and q["ppl"] > 1 and q["tokens"] == 3000
+    assert q["text"] == "sampled from the model" and q["max_ppl_rise"] == 0.01
+    assert q["ppl_rise"] == pytest.approx(q["ppl"] / q["fp32_ppl"] - 1) and q["ppl_rise"] <= 0.01
+    assert q["step_graph_ppl_rise"] <= 0.01 and q["step_graph_tokens"] == 2976  # the step graph is judged too
+    assert summary["quantization"]["ppl"] == q["ppl"]
+    # Its own validation against PyTorch, not the fp32 figure: recorded in both places, within its tolerance.
+    assert m["validation"]["max_abs_logprob_diff"] == q["validation"]["max_abs_logprob_diff"] <= q["validation"]["tolerance"]
+    if any(p["chosen"] != "fp32" for p in q["products"]):  # quantized graphs: their own, larger difference
+        assert m["validation"]["max_abs_logprob_diff"] > 10 * fp32.summary["max_abs_logprob_diff"]
+    else:  # every product measured fastest in fp32 (tiny products can be): the fp32 graphs, to the bit
+        assert m["validation"]["max_abs_logprob_diff"] == fp32.summary["max_abs_logprob_diff"]
+    # Every product of both graphs measured in every form; bf16 either timed or refused with a reason.
+    assert {p["graph"] for p in q["products"]} == {"step", "score"}
+    for p in q["products"]:
+        forms = [c["form"] for c in p["candidates"]]
+        assert forms == (quantize.candidate_forms() if mode == "auto" else ["fp32", "int8"])
+        assert all(c["seconds"] is not None or c["unavailable"] for c in p["candidates"])
+        assert p["chosen"] == "int8" if mode == "int8" else p["chosen"] in forms
+    # The graphs hold what the manifest says was chosen.
+    ops = {n.op_type for name in ("step.onnx", "score.onnx") for n in onnx.load(str(out / name)).graph.node}
+    chosen = {p["chosen"] for p in q["products"]}
+    assert ("DynamicQuantizeMatMul" in ops) == ("int8" in chosen)
+    assert ("MatMulNBits" in ops) == any(c.startswith("nbits4") for c in chosen)
+    assert sorted(p.name for p in out.iterdir()) == sorted(BUNDLE_FILES)
     for name, meta in m["files"].items():
         assert meta["sha256"] == file_sha256(out / name)
 
-    # The runtime loads it, and it scores close to the fp32 bundle of the same checkpoint.
+    # The runtime loads it (its probe included), and it scores close to the fp32 bundle of the same checkpoint.
     text = "the stock market fell\nshares of the company rose N percent in the quarter\n"
-    r8, r32 = Runtime.load(out, threads=1).score(text), Runtime.load(fp32.bundle, threads=1).score(text)
-    assert r8.tokens == r32.tokens == 16
-    assert abs(r8.ppl / r32.ppl - 1) < 0.05
+    rq, r32 = Runtime.load(out, threads=1).score(text), Runtime.load(fp32.bundle, threads=1).score(text)
+    assert rq.tokens == r32.tokens == 16
+    assert abs(rq.ppl / r32.ppl - 1) < 0.05
+
+
+def _fake_timings(form: str, w: np.ndarray, rows: int, threads: int) -> dict:
+    """4-bit at block 32, accuracy level 4 is 'measured' fastest, so that auto picks it deterministically."""
+    return {"form": form, "seconds": 1e-6 if form == "nbits4-b32-a4" else 1e-3, "max_rel_error": 0.0}
+
+
+@pytest.mark.usefixtures("small_products")
+def test_a_quantization_that_costs_accuracy_is_demoted_then_refused(small_ckpt: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from rnnlm.export import quantize
+
+    monkeypatch.setattr(quantize, "time_form", _fake_timings)
+    nbits4 = quantize.nbits4_weights
+    monkeypatch.setattr(quantize, "nbits4_weights", lambda w, block: nbits4(w * 50.0, block))  # a broken 4-bit form
+    out = tmp_path / "q"
+    summary = export(small_ckpt, out, quantize="auto")
+    q = read_manifest(out)["quantization"]
+    choices = [a["choices"] for a in q["attempts"]]  # a failing graph is demoted, then the bundle rebuilt
+    assert choices[0] == ["nbits4-b32-a4"] and choices[-1] == ["int8"] and 2 <= len(choices) <= 3
+    assert max(q["attempts"][0]["ppl_rise"].values()) > 0.01 >= q["ppl_rise"] == summary["quantization"]["ppl_rise"]
+    assert all(p["chosen"] == "int8" and p["demoted_from"] == "nbits4-b32-a4" for p in q["products"])
+
+    # Now int8 is broken too: refused, with nothing written.
+    int8 = quantize.int8_weights
+    monkeypatch.setattr(quantize, "int8_weights", lambda w: (int8(w)[0], int8(w)[1] * 50.0))
+    before = tree(tmp_path)
+    with pytest.raises(RnnlmError) as info:
+        export(small_ckpt, tmp_path / "q2", quantize="auto")
+    assert info.value.code == 1 and "--max-ppl-rise 1.00%" in info.value.message and "no bundle written" in info.value.message
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("form", ["int8", "nbits4-b32-a0", "nbits4-b32-a4", "nbits4-b128-a4"])
+def test_each_quantized_form_computes_the_product(form: str) -> None:
+    """Each form's one-node graph against numpy's float64 product, within its quantization error."""
+    from rnnlm.export import quantize
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((256, 300)).astype(np.float32) * 0.1
+    x = rng.standard_normal((5, 256)).astype(np.float32)
+    sess = ort.InferenceSession(quantize.one_node_model(form, w), providers=["CPUExecutionProvider"])
+    y = sess.run(None, {"x": x})[0]
+    ref = x.astype(np.float64) @ w.astype(np.float64)
+    rel = np.abs(y - ref).max() / np.abs(ref).max()
+    # int8 per column: weights within scale/2 and activations in 8 bits, ~1 %; 4-bit blocks: ~10 %.
+    assert rel < (0.02 if form == "int8" else 0.2), rel
+    assert rel > 1e-5  # it really is quantized
+    q, scale = quantize.int8_weights(w)
+    assert np.abs(q.astype(np.float32) * scale - w).max() <= scale.max() / 2 + 1e-7
+
+
+def test_products_are_the_large_weights_with_rows_per_call(built: Callable[[str, bool], Built]) -> None:
+    from rnnlm.export import quantize
+
+    b = built("lstm", False)  # two layers, tied: per layer an input and a recurrent product, and the decoder
+    score = onnx.load(str(b.bundle / "score.onnx"))
+    step = onnx.load(str(b.bundle / "step.onnx"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(quantize, "MIN_ELEMENTS", 0)
+        sp, tp = quantize.find_products(score, "score", CHUNK), quantize.find_products(step, "step", CHUNK)
+    # Scoring graph: the decoder and each layer's input projection are hoisted over the chunk (one
+    # MatMul of CHUNK rows each); each recurrent matrix is used once per step, one row at batch 1.
+    assert sorted((p.k, p.n, p.uses, p.rows) for p in sp) == sorted(
+        [(32, V, 1, CHUNK), (32, 128, 1, CHUNK), (32, 128, 1, CHUNK), (32, 128, CHUNK, 1), (32, 128, CHUNK, 1)])
+    assert sorted((p.k, p.n, p.uses, p.rows) for p in tp) == sorted([(32, V, 1, 1)] + [(32, 128, 1, 1)] * 4)
+    assert quantize.find_products(score, "score", CHUNK) == []  # nothing this small is worth quantizing
+
+
+# ------------------------------------------------------------------ 6. issue 11: source, replacing, shadowing
+
+
+def test_manifest_identifies_its_source_without_a_path(built: Callable[[str, bool], Built]) -> None:
+    b = built("rhn", False)
+    m = read_manifest(b.bundle)
+    assert m["source"] == {"config_sha256": file_sha256(b.checkpoint / "config.json"),
+                           "weights_sha256": file_sha256(b.checkpoint / "model.safetensors"),
+                           "vocab_sha256": file_sha256(b.checkpoint / "vocab.txt")}
+    text = (b.bundle / "manifest.json").read_text(encoding="utf-8")
+    assert str(b.checkpoint) not in text and str(b.checkpoint.parent) not in text
+
+
+def test_replacing_a_bundle_of_another_checkpoint_needs_force(small_ckpt: Path, tmp_path: Path) -> None:
+    other = make_checkpoint(tmp_path / "other", "lstm", False, num_layers=1, seed=7)
+    out = tmp_path / "bundle"
+    export(small_ckpt, out)
+    export(small_ckpt, out)  # the same checkpoint again: a plain refresh
+    before = {p: file_sha256(out / p) for p in BUNDLE_FILES}
+    with pytest.raises(RnnlmError) as info:
+        export(other, out)
+    assert info.value.code == 2 and "another checkpoint" in info.value.message and "--force" in info.value.message
+    assert {p: file_sha256(out / p) for p in BUNDLE_FILES} == before
+    export(other, out, force=True)
+    assert read_manifest(out)["source"]["weights_sha256"] == file_sha256(other / "model.safetensors")
+
+
+@pytest.mark.parametrize(("args", "option"), [(["--out", "json"], "--out json"), (["--triton", "numpy"], "--triton numpy")])
+def test_export_refuses_a_folder_that_shadows_a_module(small_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       args: list[str], option: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    no_data_dir(tmp_path)
+    before = tree(tmp_path)
+    out = ["--out", str(tmp_path / "b")] if args[0] != "--out" else []
+    result = CliRunner().invoke(app, ["export", str(small_ckpt), *out, *args, "--data-dir", "no-ptb"])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {option}: ") and "shadow" in lines[0], result.stderr
+    assert tree(tmp_path) == before
+
+
+def test_model_repository_is_not_refused(small_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rnnlm.export.exporter import refuse_shadowing
+
+    monkeypatch.chdir(tmp_path)
+    refuse_shadowing("model_repository")  # Triton's own name shadows nothing
+    refuse_shadowing(tmp_path / "sub" / "json")  # not in the current directory: not on sys.path
+    with pytest.raises(RnnlmError):
+        refuse_shadowing("json")
+
+
+
+def test_a_tied_decoder_is_stored_once(built: Callable[[str, bool], Built]) -> None:
+    """The embedding's Gather and the decoder read one matrix: no transposed copy in either graph."""
+    b = built("lstm", False)  # tied
+    model, _ = load_model_dir(b.checkpoint)
+    emb = model.embedding.weight.detach().numpy()
+    for name in ("step.onnx", "score.onnx"):
+        g = onnx.load(str(b.bundle / name)).graph
+        arrays = [onnx.numpy_helper.to_array(t) for t in g.initializer]
+        assert sum(a.shape == emb.shape and np.array_equal(a, emb) for a in arrays) == 1, name
+        assert not any(a.shape == emb.T.shape and np.array_equal(a, emb.T) for a in arrays), name
+        gemms = [n for n in g.node if n.op_type == "Gemm"]
+        assert len(gemms) == 1 and {a.name: a.i for a in gemms[0].attribute}.get("transB") == 1, name

@@ -1,0 +1,270 @@
+"""Quantization where it pays: each large weight matrix ("product") gets the form measured fastest.
+
+A batch-1 step is bandwidth-bound (bench/RESULTS.md): the tied 10,000 x 256 decoder is most of
+the bytes it reads. Quantizing every MatMul also quantizes the many tiny per-step recurrent
+products, where quantizing the activations costs more than it saves. So the choice is per product:
+
+- the products are the MatMul weights of at least ``MIN_ELEMENTS`` (the decoder, the input
+  projections, the recurrent matrices of a 256-wide cell); smaller ones stay float32;
+- each is timed as a one-node graph with its own weights, at the row count it meets in the graph
+  at batch 1 (1 in the step graph and for per-step products; ``chunk`` for a product the scoring
+  graph hoists over a whole chunk), in every candidate form:
+
+  * ``fp32``: MatMul, unchanged;
+  * ``int8``: com.microsoft DynamicQuantizeMatMul, symmetric int8 weights with one scale per
+    output column, activations quantized per call (VNNI on CPUs that have it);
+  * ``nbits4-b{block}-a{level}``: com.microsoft MatMulNBits, 4-bit weights in blocks of
+    ``block`` along K, ``accuracy_level`` ``level`` (0: float compute; 4: int8 compute);
+  * ``bf16``: Cast + MatMul in bfloat16, which runs only where onnxruntime has a kernel for it
+    (it has none on CPU in 1.31; the measurement records the refusal);
+
+- the fastest form wins if it beats fp32 by ``MIN_GAIN``; the exporter then checks the whole
+  bundle's perplexity and refuses it above ``--max-ppl-rise``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+MIN_ELEMENTS = 65_536  # 256 KB of float32: below this a product is too small to be worth it
+MIN_GAIN = 1.10  # a quantized form must be at least this much faster than fp32 to be chosen
+BLOCKS = (32, 64, 128)
+ACCURACY_LEVELS = (0, 4)
+TIME_PER_CANDIDATE = 0.15  # seconds of timing per candidate and product, over ROUNDS interleaved rounds
+ROUNDS = 7
+MS_DOMAIN = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class Product:
+    """One weight matrix W (K, N) used by ``uses`` MatMul nodes of one graph, ``rows`` rows per call."""
+
+    graph: str
+    weight: str
+    k: int
+    n: int
+    uses: int
+    rows: int
+
+
+def find_products(model: onnx.ModelProto, graph: str, chunk: int) -> list[Product]:
+    """The large constant-weight MatMuls of ``model``; rows per call at batch 1 from how often W is used
+    (the scoring graph uses a per-step weight ``chunk`` times, a hoisted one once over all steps)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    uses = Counter(n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits)
+    out = []
+    for name, count in uses.items():
+        dims = list(inits[name].dims)
+        if len(dims) != 2 or dims[0] * dims[1] < MIN_ELEMENTS or inits[name].data_type != onnx.TensorProto.FLOAT:
+            continue
+        rows = chunk if graph == "score" and count == 1 else 1
+        out.append(Product(graph, name, int(dims[0]), int(dims[1]), count, rows))
+    return sorted(out, key=lambda p: -p.k * p.n)
+
+
+# ------------------------------------------------------------------------------ the forms
+
+
+def int8_weights(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per output column: w ~= q * scale[None, :]."""
+    scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127.0
+    q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+    return q, scale.astype(np.float32)
+
+
+def nbits4_weights(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """MatMulNBits' layout of symmetric 4-bit weights: packed (N, K / block, block / 2), scales (N * K / block)."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    k, n = w.shape
+    blocks = (k + block - 1) // block
+    packed = np.zeros((n, blocks, block // 2), np.uint8)
+    scales = np.zeros(n * blocks, np.float32)
+    zero_points = np.zeros(n * ((blocks + 1) // 2), np.uint8)  # unused: symmetric
+    quantize_matmul_4bits(packed, np.ascontiguousarray(w, np.float32), scales, zero_points, block, n, k, True)
+    return packed, scales
+
+
+def form_nodes(form: str, x: str, y: str, weight: str, w: np.ndarray) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Nodes computing y = x @ w in ``form``, and the initializers they need (named after ``weight``)."""
+    k, n = w.shape
+    if form == "fp32":
+        return [helper.make_node("MatMul", [x, weight], [y])], [numpy_helper.from_array(w, weight)]
+    if form == "int8":
+        q, scale = int8_weights(w)
+        names = [f"{weight}.int8", f"{weight}.int8_scale"]
+        node = helper.make_node("DynamicQuantizeMatMul", [x, *names], [y], domain=MS_DOMAIN, name=f"{y}.int8")
+        return [node], [numpy_helper.from_array(q, names[0]), numpy_helper.from_array(scale, names[1])]
+    if form.startswith("nbits4-"):
+        block, level = (int(part[1:]) for part in form.split("-")[1:])
+        packed, scales = nbits4_weights(w, block)
+        names = [f"{weight}.q4b{block}", f"{weight}.q4b{block}_scale"]
+        attrs: dict[str, Any] = {"K": k, "N": n, "bits": 4, "block_size": block}
+        if level:
+            attrs["accuracy_level"] = level
+        node = helper.make_node("MatMulNBits", [x, *names], [y], domain=MS_DOMAIN, name=f"{y}.q4", **attrs)
+        return [node], [numpy_helper.from_array(packed, names[0]), numpy_helper.from_array(scales, names[1])]
+    if form == "bf16":
+        import ml_dtypes
+
+        bits = np.ascontiguousarray(w.astype(ml_dtypes.bfloat16)).view(np.uint16)
+        t = helper.make_tensor(f"{weight}.bf16", onnx.TensorProto.BFLOAT16, list(w.shape), bits.tobytes(), raw=True)
+        nodes = [helper.make_node("Cast", [x], [f"{y}.xbf16"], to=onnx.TensorProto.BFLOAT16),
+                 helper.make_node("MatMul", [f"{y}.xbf16", t.name], [f"{y}.ybf16"]),
+                 helper.make_node("Cast", [f"{y}.ybf16"], [y], to=onnx.TensorProto.FLOAT)]
+        return nodes, [t]
+    raise ValueError(f"unknown quantization form {form!r}")
+
+
+def candidate_forms() -> list[str]:
+    return ["fp32", "int8", *(f"nbits4-b{b}-a{a}" for b in BLOCKS for a in ACCURACY_LEVELS), "bf16"]
+
+
+def is_quantized(form: str) -> bool:
+    return form != "fp32"
+
+
+# ------------------------------------------------------------------------------ measuring
+
+
+def one_node_model(form: str, w: np.ndarray) -> bytes:
+    k, n = w.shape
+    nodes, inits = form_nodes(form, "x", "y", "w", w)
+    graph = helper.make_graph(nodes, "product", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["m", k])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["m", n])], inits)
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid(MS_DOMAIN, 1)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=9).SerializeToString()
+
+
+def _session(form: str, w: np.ndarray, threads: int) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    return ort.InferenceSession(one_node_model(form, w), opts, providers=["CPUExecutionProvider"])
+
+
+def time_forms(forms: list[str], w: np.ndarray, rows: int, threads: int) -> list[dict[str, Any]]:
+    """Median seconds per call of y = x @ w in each form at ``rows`` rows, and each form's error against
+    float64. The forms are timed in turn, round after round (ROUNDS), so that a change in the machine's
+    load during the measurement falls on all of them alike."""
+    x = np.random.default_rng(0).standard_normal((rows, w.shape[0])).astype(np.float32)
+    ref = x.astype(np.float64) @ w.astype(np.float64)
+    out: dict[str, dict[str, Any]] = {}
+    live: dict[str, tuple[Any, int, list[float]]] = {}
+    for form in forms:
+        try:
+            sess = _session(form, w, threads)
+            y = sess.run(None, {"x": x})[0]
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types; the refusal is the measurement
+            out[form] = {"form": form, "seconds": None, "unavailable": str(e).splitlines()[0][:160]}
+            continue
+        err = float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-30))
+        t = time.perf_counter()
+        sess.run(None, {"x": x})
+        calls = max(1, int(TIME_PER_CANDIDATE / ROUNDS / max(time.perf_counter() - t, 1e-6)))
+        live[form] = (sess, calls, [])
+        out[form] = {"form": form, "seconds": None, "max_rel_error": err}
+    for _ in range(ROUNDS):
+        for sess, calls, times in live.values():
+            t = time.perf_counter()
+            for _ in range(calls):
+                sess.run(None, {"x": x})
+            times.append((time.perf_counter() - t) / calls)
+    for form, (_, _, times) in live.items():
+        out[form]["seconds"] = statistics.median(times)
+    return [out[f] for f in forms]
+
+
+def time_form(form: str, w: np.ndarray, rows: int, threads: int) -> dict[str, Any]:
+    """One form alone (see ``time_forms``)."""
+    return time_forms([form], w, rows, threads)[0]
+
+
+def choose(product: Product, w: np.ndarray, threads: int, forms: list[str] | None = None) -> dict[str, Any]:
+    """Time every candidate form of one product; the fastest that beats fp32 by MIN_GAIN, else fp32."""
+    forms = forms or candidate_forms()
+    timings = time_forms(forms, w, product.rows, threads) if time_form is _time_form_default else \
+        [time_form(f, w, product.rows, threads) for f in forms]  # a replaced time_form (tests) is honoured
+    fp32 = next(t["seconds"] for t in timings if t["form"] == "fp32")
+    usable = [t for t in timings if t["seconds"] is not None]
+    best = min(usable, key=lambda t: t["seconds"])
+    chosen = best["form"] if best["seconds"] * MIN_GAIN <= fp32 else "fp32"
+    return {"graph": product.graph, "weight": product.weight, "shape": [product.k, product.n], "uses": product.uses,
+            "rows_per_call": product.rows, "chosen": chosen, "speedup": fp32 / next(t["seconds"] for t in usable if t["form"] == chosen),
+            "candidates": timings}
+
+
+_time_form_default = time_form
+
+
+# ------------------------------------------------------------------------------ rewriting
+
+
+def apply_forms(model: onnx.ModelProto, forms: dict[str, str]) -> int:
+    """Rewrite every MatMul whose weight has a quantized form in ``forms`` (weight name -> form), in place.
+    Returns the number of nodes rewritten; float32 weights no node uses any more are dropped."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    arrays: dict[str, np.ndarray] = {}
+    added: set[str] = set()
+    nodes, rewritten = [], 0
+    for node in graph.node:
+        form = forms.get(node.input[1], "fp32") if node.op_type == "MatMul" and len(node.input) == 2 else "fp32"
+        if form == "fp32" or node.input[1] not in inits:
+            nodes.append(node)
+            continue
+        weight = node.input[1]
+        if weight not in arrays:
+            arrays[weight] = numpy_helper.to_array(inits[weight])
+        new_nodes, new_inits = form_nodes(form, node.input[0], node.output[0], weight, arrays[weight])
+        for i, n in enumerate(new_nodes):
+            n.name = f"{node.name or node.output[0]}.{form}.{i}"
+        nodes.extend(new_nodes)
+        for t in new_inits:
+            if t.name not in added:
+                graph.initializer.append(t)
+                added.add(t.name)
+        rewritten += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for n in graph.node for name in n.input}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    if rewritten and not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return rewritten
+
+
+def plan(models: dict[str, onnx.ModelProto], chunk: int, threads: int, forms: list[str] | None = None) -> list[dict[str, Any]]:
+    """Measure every product of every graph; one row per product with its timings and choice."""
+    rows = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for graph, model in models.items():
+            inits = {i.name: i for i in model.graph.initializer}
+            for p in find_products(model, graph, chunk):
+                rows.append(choose(p, numpy_helper.to_array(inits[p.weight]), threads, forms))
+    return rows
+
+
+def demote(rows: list[dict[str, Any]], frm: str, to: str, *, graph: str | None = None) -> bool:
+    """Replace every choice starting with ``frm`` by ``to`` (after an accuracy refusal), in ``graph``'s
+    products or all; True if any changed."""
+    changed = False
+    for r in rows:
+        if r["chosen"].startswith(frm) and graph in (None, r["graph"]):
+            r["chosen"], r["demoted_from"] = to, r["chosen"]
+            changed = True
+    return changed
