@@ -166,6 +166,7 @@ class Choice:
     finished: str | None = None
     count: int = 0  # generated tokens kept
     echo_offset: int = 0  # where the generated text starts in the choice's text
+    searched: int = 0  # the generated text before this holds no stop string
 
     def add(self, text: str, token: str, logprob: float, top: dict[str, float] | None) -> None:
         self.pending.append(_Held(text, token, logprob, top, len(self.generated)))
@@ -212,7 +213,12 @@ class Choice:
         return Delta(self.index, text, lp, self.finished)
 
     def _stop_at(self) -> int | None:
-        found = [i for s in self.stop if (i := self.generated.find(s)) >= 0]
+        """Where the first stop string starts, searching only text that could hold a new one."""
+        if not self.stop:
+            return None
+        start = max(self.searched - max(len(s) for s in self.stop) + 1, 0)
+        found = [i for s in self.stop if (i := self.generated.find(s, start)) >= 0]
+        self.searched = len(self.generated)
         return min(found) if found else None
 
     def _held(self) -> int:
@@ -277,7 +283,7 @@ def _sample(lm: LanguageModel, ctx: Any, choices: list[Choice], args: Sampling,
                 row = rows[c.index % args.n]
                 tok = lm.vocab[tid]
                 top = top_map(lm, row, args.logprobs, tid, float(row[tid])) if args.logprobs is not None else None
-                c.add(piece(lm, tok, c.base + c.generated), tok, float(row[tid]), top)
+                c.add(piece(lm, tok, c.generated or c.base), tok, float(row[tid]), top)
                 if (delta := c.flush()) is not None:
                     yield delta
             if all(c.finished is not None for c in choices):

@@ -279,3 +279,20 @@ def test_docs_are_served_without_a_cdn(app: TestClient) -> None:
         assert app.get(f"/docs-assets/{asset}").status_code == 200
     paths = app.get("/openapi.json").json()["paths"]
     assert {"/v1/completions", "/v1/models", "/tokenize", "/v1/sessions", "/v1/sessions/{sid}/score"} <= set(paths)
+
+
+def test_a_stop_string_across_tokens_is_held_back_then_cut() -> None:
+    from rnnlm.serve.completions import Choice
+
+    c = Choice(0, "prompt", ("ck ma", "zz"), with_logprobs=True)
+    out = []
+    for text in (" the", " stock", " market", " fell"):
+        c.add(text, text.strip(), -1.0, None)
+        if (d := c.flush()) is not None:
+            out.append(d)
+        if c.finished:
+            break
+    assert [d.text for d in out] == [" the", " sto"]  # " stock" waited: "ck" could begin "ck ma"
+    assert out[-1].finish_reason == "stop" and c.count == 2
+    assert out[-1].logprobs is not None and out[-1].logprobs["tokens"] == ["stock"]
+    assert out[-1].logprobs["text_offset"] == [5]

@@ -198,3 +198,17 @@ def test_http_refusals_limits_and_metrics(lm: LanguageModel) -> None:
         assert r.status_code == 404 and "expired" in r.json()["error"]
         assert metric(c.get("/metrics").text, "rnnlm_sessions_expired_total") == 2
         assert c.post("/v1/sessions", json={}).status_code == 201  # room again
+
+
+def test_concurrent_calls_on_one_session_take_turns(client: TestClient, lm: LanguageModel) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    sid = client.post("/v1/sessions", json={}).json()["id"]
+    pieces = ["the stock market fell\n"] * 12
+    with ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(lambda p: client.post(f"/v1/sessions/{sid}/score", json={"text": p}).json(), pieces))
+    # No call was lost or read a stale state: the counts are 5, 10, ..., 60 in some order, and the
+    # session scored the twelve lines as one text.
+    assert sorted(r["session_tokens"] for r in replies) == list(range(5, 61, 5))
+    assert sum(r["nll"] for r in replies) == pytest.approx(lm.score("".join(pieces)).nll, rel=1e-6)
+    client.delete(f"/v1/sessions/{sid}")
