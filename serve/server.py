@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -145,19 +145,23 @@ def create_app(model: str | Path | LanguageModel | None, settings: ServerSetting
     metrics = Metrics()
     state = ServerState(settings, metrics)
     metrics.ready.set_function(lambda: float(state.ready))
+    app = FastAPI(title="rnnlm", version=_version(), lifespan=_lifespan(state, model, on_load_failure),
+                  docs_url=None, redoc_url=None,  # docs.py serves them from local files
+                  description="Perplexity scoring and text generation with recurrent language models on onnxruntime.",
+                  responses={422: {"model": ErrorBody}, 429: {"model": ErrorBody}, 503: {"model": ErrorBody}})
+    app.state.rnnlm = state
+    _install_error_handlers(app)
+    app.include_router(router)
+    app.include_router(openai_api.router)
+    app.include_router(sessions.router)
+    docs.install(app)
+    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, timeout=settings.timeout, metrics=metrics)
+    return app
 
-    async def load_in_background(path: str | Path | None) -> None:
-        try:
-            lm = await asyncio.to_thread(LanguageModel.load, path, device=settings.device, threads=settings.threads,
-                                         raw=settings.raw, eager=True)  # both graphs, both probes
-        except Exception as e:  # a bundle that fails its probe, a CUDA provider that will not start...
-            state.load_error = str(e.message if isinstance(e, RnnlmError) else e)
-            log.error("the model failed to load: %s", state.load_error)
-            if on_load_failure is not None:
-                on_load_failure(state.load_error)
-            return
-        state.attach(lm)
-        log.info("ready: %s (%s)", lm.bundle.path, lm.device)
+
+def _lifespan(state: ServerState, model: str | Path | LanguageModel | None,
+              on_load_failure: Callable[[str], None] | None) -> Callable[[FastAPI], Any]:
+    """Startup attaches the model (or starts loading it); shutdown stops the loader and the scheduler."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -165,99 +169,122 @@ def create_app(model: str | Path | LanguageModel | None, settings: ServerSetting
         if isinstance(model, LanguageModel):
             state.attach(model)
         else:
-            loader = asyncio.create_task(load_in_background(model))
+            loader = asyncio.create_task(_load_in_background(state, model, on_load_failure))
         yield
         if loader is not None and not loader.done():
             loader.cancel()
         if state.scheduler is not None:
             state.scheduler.close()
 
-    app = FastAPI(title="rnnlm", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,  # docs.py
-                  description="Perplexity scoring and text generation with recurrent language models on onnxruntime.",
-                  responses={422: {"model": ErrorBody}, 429: {"model": ErrorBody}, 503: {"model": ErrorBody}})
-    app.state.rnnlm = state
+    return lifespan
 
-    _install_error_handlers(app)
-    app.include_router(openai_api.router)
-    app.include_router(sessions.router)
-    docs.install(app)
 
-    # -- scoring
-    # exclude_unset: what the handler leaves out (bpc for words, per_token unless asked) is absent;
-    # what it sets to None (ppl of a blank line) is null, as the schema says.
-    @app.post("/v1/score", response_model=ScoreResponse, response_model_exclude_unset=True,
-              summary="Perplexity of a text, or of each of a list of sentences")
-    async def score(body: ScoreRequest, request: Request) -> Response:
-        lm, scheduler = state.working()
-        if (body.text is None) == (body.lines is None):
-            raise RnnlmError('give either "text" (one stream) or "lines" (independent sentences), not both or neither')
-        with scheduler.admit():
-            # Tokenizing up to 1 MiB and encoding a reply of up to ~10 MB (per_token) run in a thread:
-            # on the event loop they would stall every other request, health checks included.
-            sequences = await asyncio.to_thread(_sequences, lm, body)
-            results = await timed(request, scheduler.score(sequences, per_token=body.per_token), settings.timeout)
-            reply = await asyncio.to_thread(_score_reply, lm, body, results)
-        metrics.scored.inc(sum(r.tokens for r in results))
-        return Response(reply, media_type="application/json")
+async def _load_in_background(state: ServerState, path: str | Path | None,
+                              on_load_failure: Callable[[str], None] | None) -> None:
+    settings = state.settings
+    try:
+        lm = await asyncio.to_thread(LanguageModel.load, path, device=settings.device, threads=settings.threads,
+                                     raw=settings.raw, eager=True)  # both graphs, both probes
+    except Exception as e:  # a bundle that fails its probe, a CUDA provider that will not start...
+        state.load_error = str(e.message if isinstance(e, RnnlmError) else e)
+        log.error("the model failed to load: %s", state.load_error)
+        if on_load_failure is not None:
+            on_load_failure(state.load_error)
+        return
+    if lm.device_note:
+        log.warning("%s", lm.device_note)
+    state.attach(lm)
+    log.info("ready: %s (%s)", lm.bundle.path, lm.device)
 
-    # -- generation
-    @app.post("/v1/generate", response_model=GenerateResponse, summary="Continue a prompt",
-              responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or with stream=true, "
-                         "server-sent events: `token` events {sample, index, id, token}, then a `done` event"}})
-    async def generate(body: GenerateRequest, request: Request) -> Any:
-        lm, scheduler = state.working()
-        kwargs = dict(max_new_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
-                      seed=body.seed, num_samples=body.n, stop_at_eos=body.stop)
-        lm.check_generate(body.prompt, **kwargs)  # the CLI's checks, the CLI's messages
-        asked = body.n * body.max_tokens
-        if asked > settings.max_generate_tokens:
-            raise RnnlmError(f"n * max_tokens = {asked:,} tokens; this server's limit is {settings.max_generate_tokens:,} "
-                             "per request (rnnlm serve --max-generate-tokens)")
-        if body.stream:
-            admission = scheduler.admit("generate")
-            admission.__enter__()  # 429 now, as a status, not inside a started stream
-            deadline = request.scope.get(DEADLINE, time.monotonic() + settings.timeout)
-            return AdmittedStream(_events(lm, scheduler, body, kwargs, metrics, deadline, settings.timeout), admission.__exit__,
-                           deadline)
-        with scheduler.admit("generate"):
-            columns = await timed(request, _collect(scheduler.generate(body.prompt, **kwargs)), settings.timeout)
-        samples = lm.sample_ids(columns, body.n, stop_at_eos=body.stop)
-        generated = sum(len(s) for s in samples)
-        metrics.generated.inc(generated)
-        return {"model": model_name(lm), "prompt": body.prompt, "samples": [lm.detokenize(s) for s in samples],
-                "tokens": generated, "seed": body.seed}
 
-    # -- the rest
-    @app.get("/v1/model", summary="The loaded bundle")
-    async def model_info() -> dict[str, Any]:
-        lm, _ = state.working()
-        m = lm.bundle.manifest
-        return {"bundle": str(lm.bundle.path), "cell": m["cell"], "level": lm.level, "vocab_size": len(lm.vocab),
-                "state": [{"name": s["input"], "size": s["size"]} for s in lm.states], "device": lm.device,
-                "quantization": m.get("quantization"), "metrics": m.get("metrics"),
-                "limits": {"max_body_bytes": settings.max_body_bytes, "max_generate_tokens": settings.max_generate_tokens,
-                           "timeout": settings.timeout, "max_batch": settings.max_batch,
-                           "max_concurrency": settings.max_concurrency, "max_queue": settings.max_queue}}
+# ---------------------------------------------------------------------- rnnlm's own endpoints
+router = APIRouter()
 
-    @app.get("/v2/health/live", summary="Liveness (KServe v2)")
-    async def live() -> dict[str, bool]:
-        return {"live": True}
 
-    @app.get("/v2/health/ready", summary="Readiness (KServe v2): the model loaded, probes passed, not draining",
-             responses={503: {"model": ErrorBody}})
-    async def ready() -> JSONResponse:
-        if state.ready:
-            return JSONResponse({"ready": True})
-        reason = ("draining" if state.draining else "loading" if state.load_error is None
-                  else f"failed: {state.load_error}")
-        return JSONResponse({"ready": False, "error": reason}, status_code=503)
+def _state(request: Request) -> ServerState:
+    server_state: ServerState = request.app.state.rnnlm
+    return server_state
 
-    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
-    async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, timeout=settings.timeout, metrics=metrics)
-    return app
+# exclude_unset: what the handler leaves out (bpc for words, per_token unless asked) is absent.
+@router.post("/v1/score", response_model=ScoreResponse, response_model_exclude_unset=True,
+             summary="Perplexity of a text, or of each of a list of sentences")
+async def score(body: ScoreRequest, request: Request) -> Response:
+    state = _state(request)
+    lm, scheduler = state.working()
+    if (body.text is None) == (body.lines is None):
+        raise RnnlmError('give either "text" (one stream) or "lines" (independent sentences), not both or neither')
+    with scheduler.admit():
+        # Tokenizing up to 1 MiB and encoding a reply of up to ~10 MB (per_token) run in a thread:
+        # on the event loop they would stall every other request, health checks included.
+        sequences = await asyncio.to_thread(_sequences, lm, body)
+        results = await timed(request, scheduler.score(sequences, per_token=body.per_token), state.settings.timeout)
+        reply = await asyncio.to_thread(_score_reply, lm, body, results)
+    state.metrics.scored.inc(sum(r.tokens for r in results))
+    return Response(reply, media_type="application/json")
+
+
+@router.post("/v1/generate", response_model=GenerateResponse, summary="Continue a prompt",
+             responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or with stream=true, "
+                        "server-sent events: `token` events {sample, index, id, token}, then a `done` event"}})
+async def generate(body: GenerateRequest, request: Request) -> Any:
+    state = _state(request)
+    settings, metrics = state.settings, state.metrics
+    lm, scheduler = state.working()
+    kwargs = dict(max_new_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+                  seed=body.seed, num_samples=body.n, stop_at_eos=body.stop)
+    lm.check_generate(body.prompt, **kwargs)  # the CLI's checks, the CLI's messages
+    asked = body.n * body.max_tokens
+    if asked > settings.max_generate_tokens:
+        raise RnnlmError(f"n * max_tokens = {asked:,} tokens; this server's limit is {settings.max_generate_tokens:,} "
+                         "per request (rnnlm serve --max-generate-tokens)")
+    if body.stream:
+        admission = scheduler.admit("generate")
+        admission.__enter__()  # 429 now, as a status, not inside a started stream
+        deadline = request.scope.get(DEADLINE, time.monotonic() + settings.timeout)
+        return AdmittedStream(_events(lm, scheduler, body, kwargs, metrics, deadline, settings.timeout),
+                              admission.__exit__, deadline)
+    with scheduler.admit("generate"):
+        columns = await timed(request, _collect(scheduler.generate(body.prompt, **kwargs)), settings.timeout)
+    samples = lm.sample_ids(columns, body.n, stop_at_eos=body.stop)
+    generated = sum(len(s) for s in samples)
+    metrics.generated.inc(generated)
+    return {"model": model_name(lm), "prompt": body.prompt, "samples": [lm.detokenize(s) for s in samples],
+            "tokens": generated, "seed": body.seed}
+
+
+@router.get("/v1/model", summary="The loaded bundle")
+async def model_info(request: Request) -> dict[str, Any]:
+    state = _state(request)
+    settings = state.settings
+    lm, _ = state.working()
+    m = lm.bundle.manifest
+    return {"bundle": str(lm.bundle.path), "cell": m["cell"], "level": lm.level, "vocab_size": len(lm.vocab),
+            "state": [{"name": s["input"], "size": s["size"]} for s in lm.states], "device": lm.device,
+            "quantization": m.get("quantization"), "metrics": m.get("metrics"), "text": lm.tokenizer.spec.to_json(),
+            "limits": {"max_body_bytes": settings.max_body_bytes, "max_generate_tokens": settings.max_generate_tokens,
+                       "timeout": settings.timeout, "max_batch": settings.max_batch,
+                       "max_concurrency": settings.max_concurrency, "max_queue": settings.max_queue}}
+
+
+@router.get("/v2/health/live", summary="Liveness (KServe v2)")
+async def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get("/v2/health/ready", summary="Readiness (KServe v2): the model loaded, probes passed, not draining",
+            responses={503: {"model": ErrorBody}})
+async def ready(request: Request) -> JSONResponse:
+    state = _state(request)
+    if state.ready:
+        return JSONResponse({"ready": True})
+    reason = "draining" if state.draining else "loading" if state.load_error is None else f"failed: {state.load_error}"
+    return JSONResponse({"ready": False, "error": reason}, status_code=503)
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def prometheus(request: Request) -> Response:
+    return Response(generate_latest(_state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 # ---------------------------------------------------------------------- errors
