@@ -110,7 +110,8 @@ class Model:
         return 10.0 ** (-self.score(sentence) / words)
 
     def __contains__(self, word: str) -> bool:
-        return not self.lm.tokenizer.token(self.lm.tokenizer.spec.normalize(word)).oov
+        tokens = self.lm.tokenizer.line_tokens(word, eos=False)  # normalized as a sentence's words are
+        return len(tokens) == 1 and not tokens[0].oov
 
     # ------------------------------------------------------------------ the state API
     def BeginSentenceWrite(self, state: State) -> None:  # noqa: N802 - KenLM's name

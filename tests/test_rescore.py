@@ -394,3 +394,11 @@ def test_rescore_and_the_ngram_formats_never_import_torch(lstm_bundle: Path, tmp
 def test_rescore_help_has_examples() -> None:
     code, out, _ = cli("rescore", "--help")
     assert code == 0 and "Examples" in out and "--carry-over" in out
+
+
+def test_standard_input(lstm_bundle: Path, tmp_path: Path) -> None:
+    text = "".join(f"{u}-{n} {t}\n" for u, n, t in KEYS)
+    r = CliRunner().invoke(app, ["rescore", "-", "--model", str(lstm_bundle), "--json"], input=text)
+    assert r.exit_code == 0, r.stderr
+    from_file = rescore_json(lstm_bundle, *write_kaldi(tmp_path))
+    assert [json.loads(line) for line in r.stdout.splitlines()] == from_file
