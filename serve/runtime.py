@@ -419,26 +419,7 @@ class LanguageModel:
 
         Sequences are sorted by length and batched, ``batch_size`` columns per call; a long
         sequence costs the others nothing past their own end (``_score_ids`` drops ended columns)."""
-        if batch_size < 1:
-            raise RnnlmError(f"batch size must be >= 1, got {batch_size}")
-        out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(sequences)
-        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            lengths = np.array([len(sequences[i]) for i in idx], np.int64)
-            L = max(int(lengths.max()), 1)
-            inputs = np.full((L, len(idx)), self.eos_id, np.int64)  # (L, B): column b is sequence idx[b]
-            targets = np.zeros((L, len(idx)), np.int64)
-            for b, i in enumerate(idx):
-                ids = sequences[i]
-                targets[: len(ids), b] = ids
-                inputs[1 : len(ids), b] = ids[:-1]
-            picked, _ = self._score_ids(inputs, targets, lengths, cancelled=cancelled)
-            for b, i in enumerate(idx):
-                out[i] = picked[: lengths[b], b].copy()
-            if progress:
-                progress(len(idx))
-        return out
+        return self.sequence_logprobs_from(sequences, batch_size=batch_size, progress=progress, cancelled=cancelled)[0]
 
     def sequence_logprobs_from(self, sequences: Sequence[Sequence[int]], start: State | None = None,
                                rows: Sequence[int] | np.ndarray | None = None, *, batch_size: int = 64,
