@@ -5,6 +5,12 @@ One torchrun launch runs every scenario of WORKER on both ranks (starting proces
 part on two cores); the tests below read what each rank recorded. Rank 1 runs under an audit hook
 that records every file system event naming the runs directory, so "only rank 0 writes" is observed,
 not assumed; rank 0 runs under the same hook as the positive control.
+
+The scenario where only rank 1 sees an infinite loss used to hang (3 runs in 11): the error left
+DDP's Reducer as the last owner of the gloo group, and freeing it joined gloo's worker threads with
+the GIL held while one of them needed the GIL (rnnlm/distributed.py explains). The "stuck" scenario
+shows the collective timeout: rank 1 stalls, rank 0 gives up after the timeout naming itself, and
+rank 1 then finds rank 0 gone.
 """
 
 from __future__ import annotations
