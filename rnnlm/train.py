@@ -24,7 +24,6 @@ import json
 import math
 import os
 import signal
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -53,6 +52,7 @@ from rnnlm.evaluate import evaluate
 from rnnlm.fsutil import atomic_write_text
 from rnnlm.model import LanguageModel, State, detach_state
 from rnnlm.plot import plot_curves
+from rnnlm.progress import Bar, Log
 from rnnlm.summaries import summaries
 
 EXIT_SIGNAL: dict[int, int] = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -245,21 +245,67 @@ def _corpus_summary(corpus: Corpus) -> str:
     return f"data: {', '.join(parts)}; vocabulary {len(corpus.vocab):,}" if parts else f"vocabulary {len(corpus.vocab):,}"
 
 
-def _run(
-    model_cfg: ModelConfig, train_cfg: TrainConfig, corpus: Corpus, out: Path, dev: torch.device,
-    max_steps: int | None, time_budget: float | None, resume: bool, force: bool, eval_batch_size: int,
-    quiet: bool, on_step: Callable[[int], None] | None, comm: Comm, tensorboard: bool | None = None,
-) -> TrainResult:
-    started = time.monotonic()
-    log = _Log(quiet or not comm.main)
-    log(_corpus_summary(corpus))
-    train_data = comm.shard(batchify(corpus.train, train_cfg.batch_size))  # (N, B / W): this rank's streams
+@dataclass
+class _Position:
+    """Where a run is: what the resume state records and the summary reports."""
 
-    def prepare() -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:  # rank 0 only: it owns `out`
+    epoch: int = 0
+    window: int = 0  # the next window of the epoch
+    step: int = 0
+    tokens_seen: int = 0
+    best: float = math.inf  # the best validation perplexity so far
+
+
+@dataclass
+class _Epoch:
+    """One pass (or the rest of one) over the training windows, as the validation row reports it."""
+
+    lr: float
+    started: float
+    nll: float = 0.0  # summed over tokens
+    tokens: int = 0
+    stop: str | None = None  # "signal" or "budget" when the pass ended early
+
+
+class _Trainer:
+    """One training run, from its checkpoint directory (fresh or resumed) to its last validation.
+
+    Rank 0 alone touches ``out`` (through ``comm.on_main``); every rank runs the same steps and
+    agrees on every stop (signal, budget, divergence) at the same step."""
+
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, corpus: Corpus, out: Path,
+                 dev: torch.device, comm: Comm, log: Log) -> None:
+        self.model_cfg, self.cfg, self.corpus, self.out, self.dev, self.comm, self.log = (
+            model_cfg, train_cfg, corpus, out, dev, comm, log)
+        self.data = comm.shard(batchify(corpus.train, train_cfg.batch_size))  # (N, B / W): this rank's streams
+        self.windows = BpttBatches(self.data, train_cfg.bptt)
+        torch.manual_seed(train_cfg.seed)
+        self.model = LanguageModel(model_cfg).to(dev)
+        if comm.parallel:  # the same initial weights on every rank, but dropout masks of its own
+            torch.manual_seed(comm.dropout_seed(train_cfg.seed))
+        self.optimizer = make_optimizer(self.model, train_cfg)
+        self.state: State = self.model.init_state(self.data.shape[1], dev)
+        self.at = _Position()
+        self.metrics: list[dict[str, Any]] = []
+        self.step_losses: list[float] = []
+        self.interrupted: int | None = None
+
+    # ------------------------------------------------------------------ starting
+    def start(self, resume: bool, force: bool) -> None:
+        """Check the run directory (rank 0), then restore the resume state or write the run's files."""
+        saved, self.metrics = self.comm.on_main(lambda: self._prepare(resume, force))
+        if saved is not None:
+            self._restore(saved)
+        else:
+            self.comm.on_main(self._write_run_files)
+        self.net = self.comm.wrap(self.model)  # DDP when data-parallel: train through `net`, evaluate and save `model`
+
+    def _prepare(self, resume: bool, force: bool) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+        out = self.out
         if resume:
             saved = ckpt.load_train_state(out)
-            _check_same_run(out, model_cfg, train_cfg, corpus, force)
-            _check_world_size(out, saved, comm.size, force)
+            _check_same_run(out, self.model_cfg, self.cfg, self.corpus, force)
+            _check_world_size(out, saved, self.comm.size, force)
         else:
             if (out / ckpt.TRAIN_STATE).exists() and not force:
                 raise RnnlmError(f"{out} already holds a training run: pass --resume to continue it, "
@@ -270,58 +316,50 @@ def _run(
             if saved is not None and (out / "metrics.jsonl").exists() else []
         return saved, rows
 
-    saved, metrics = comm.on_main(prepare)
+    def _write_run_files(self) -> None:
+        out = self.out
+        self.corpus.vocab.save(out / ckpt.VOCAB)
+        atomic_write_text(out / ckpt.DATA, json.dumps(self.corpus.describe(), indent=2) + "\n")
+        atomic_write_text(out / ckpt.CONFIG, self.model_cfg.to_json())
+        atomic_write_text(out / ckpt.TRAIN_CONFIG, json.dumps(dataclasses.asdict(self.cfg), indent=2) + "\n")
 
-    torch.manual_seed(train_cfg.seed)
-    model = LanguageModel(model_cfg).to(dev)
-    if comm.parallel:  # the same initial weights on every rank, but dropout masks of its own
-        torch.manual_seed(comm.dropout_seed(train_cfg.seed))
-    optimizer = make_optimizer(model, train_cfg)
-    windows = BpttBatches(train_data, train_cfg.bptt)
-    epoch, window, step, tokens_seen, best = 0, 0, 0, 0, math.inf
-    state: State = model.init_state(train_data.shape[1], dev)
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        if saved.get("optimizer_name") == train_cfg.optimizer:
-            optimizer.load_state_dict(saved["optimizer"])
-            for group in optimizer.param_groups:  # a run saved before L2 moved into the loss kept it here
+    def _restore(self, saved: dict[str, Any]) -> None:
+        comm, dev = self.comm, self.dev
+        self.model.load_state_dict(saved["model"])
+        if saved.get("optimizer_name") == self.cfg.optimizer:
+            self.optimizer.load_state_dict(saved["optimizer"])
+            for group in self.optimizer.param_groups:  # a run saved before L2 moved into the loss kept it here
                 group["weight_decay"] = 0.0
         else:  # only reachable with --force: the moments of another optimizer do not carry over
-            log(f"the optimizer changed to {train_cfg.optimizer}: starting its state fresh")
-        epoch, window, step = saved["epoch"], saved["window"], saved["step"]
-        tokens_seen, best = saved["tokens_seen"], saved["best_valid_ppl"]
-        lo, hi = comm.world.streams(train_cfg.batch_size)  # the carry is saved for all B streams
-        state = tuple(type(s)(*(t[lo:hi].to(dev) for t in saved_s)) for s, saved_s in zip(state, saved["carry"], strict=True))
+            self.log(f"the optimizer changed to {self.cfg.optimizer}: starting its state fresh")
+        self.at = _Position(saved["epoch"], saved["window"], saved["step"], saved["tokens_seen"],
+                            saved["best_valid_ppl"])
+        lo, hi = comm.world.streams(self.cfg.batch_size)  # the carry is saved for all B streams
+        self.state = tuple(type(s)(*(t[lo:hi].to(dev) for t in saved_s))
+                           for s, saved_s in zip(self.state, saved["carry"], strict=True))
         rng_cpu = saved.get("rng_cpu_ranks", [saved["rng_cpu"]])
         if comm.rank < len(rng_cpu):  # else (--force to another world size): this rank's fresh seed
             torch.set_rng_state(rng_cpu[comm.rank])
         rng_cuda = saved.get("rng_cuda_ranks", [saved["rng_cuda"]] if "rng_cuda" in saved else [])
         if dev.type == "cuda" and comm.rank < len(rng_cuda):
             torch.cuda.set_rng_state(rng_cuda[comm.rank], dev)
-        log(f"resuming {out} at epoch {epoch + 1}, window {window}, step {step}")
-    else:
-        def write_run_files() -> None:
-            corpus.vocab.save(out / ckpt.VOCAB)
-            atomic_write_text(out / ckpt.DATA, json.dumps(corpus.describe(), indent=2) + "\n")
-            atomic_write_text(out / ckpt.CONFIG, model_cfg.to_json())
-            atomic_write_text(out / ckpt.TRAIN_CONFIG, json.dumps(dataclasses.asdict(train_cfg), indent=2) + "\n")
+        self.log(f"resuming {self.out} at epoch {self.at.epoch + 1}, window {self.at.window}, step {self.at.step}")
 
-        comm.on_main(write_run_files)
-    net = comm.wrap(model)  # DDP when data-parallel: train through `net`, evaluate and save `model`
-
-    def rank_state() -> dict[str, Any]:
+    # ------------------------------------------------------------------ the resume state
+    def _rank_state(self) -> dict[str, Any]:
         """What only this rank knows: its streams' carried state and its random state."""
-        part: dict[str, Any] = {"carry": [tuple(t.cpu() for t in layer) for layer in state],
+        part: dict[str, Any] = {"carry": [tuple(t.cpu() for t in layer) for layer in self.state],
                                 "rng_cpu": torch.get_rng_state()}
-        if dev.type == "cuda":
-            part["rng_cuda"] = torch.cuda.get_rng_state(dev)
+        if self.dev.type == "cuda":
+            part["rng_cuda"] = torch.cuda.get_rng_state(self.dev)
         return part
 
-    def resume_state(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    def _resume_state(self, parts: list[dict[str, Any]]) -> dict[str, Any]:
+        at = self.at
         s: dict[str, Any] = {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "optimizer_name": train_cfg.optimizer,
-            "epoch": epoch, "window": window,
-            "step": step, "tokens_seen": tokens_seen, "best_valid_ppl": best,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "optimizer_name": self.cfg.optimizer, "epoch": at.epoch, "window": at.window, "step": at.step,
+            "tokens_seen": at.tokens_seen, "best_valid_ppl": at.best,
             "carry": _join_carries([p["carry"] for p in parts]), "rng_cpu": parts[0]["rng_cpu"],
         }
         if "rng_cuda" in parts[0]:
@@ -333,115 +371,173 @@ def _run(
                 s["rng_cuda_ranks"] = [p["rng_cuda"] for p in parts]
         return s
 
-    def save_resume(parts: list[dict[str, Any]] | None) -> None:
+    # Rank 0 alone runs these (comm.on_main); ``parts`` is every rank's _rank_state(), in rank order.
+    def _save_resume(self, parts: list[dict[str, Any]] | None) -> None:
         assert parts is not None  # rank 0 holds every rank's part
-        ckpt.check_finite(model)
-        ckpt.save_train_state(out, resume_state(parts))
+        ckpt.check_finite(self.model)
+        ckpt.save_train_state(self.out, self._resume_state(parts))
 
-    # Rank 0 alone runs these (comm.on_main); ``parts`` is every rank's rank_state(), in rank order.
-    def write_interrupted(parts: list[dict[str, Any]] | None) -> None:
-        save_resume(parts)
-        log(f"interrupted at step {step}: wrote {out / ckpt.TRAIN_STATE}; continue with --resume")
+    def _write_interrupted(self, parts: list[dict[str, Any]] | None) -> None:
+        self._save_resume(parts)
+        self.log(f"interrupted at step {self.at.step}: wrote {self.out / ckpt.TRAIN_STATE}; continue with --resume")
 
-    def write_validated(parts: list[dict[str, Any]] | None, improved: bool, summary: str) -> None:
+    def _write_validated(self, parts: list[dict[str, Any]] | None, improved: bool, summary: str) -> None:
         if improved:
-            ckpt.save_model_dir(out, model, corpus.vocab, train_cfg)
-        save_resume(parts)
-        atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
-        plot_curves(metrics, out / "curves.png", f"{model_cfg.cell}: {out.name}")
-        log(summary)
+            ckpt.save_model_dir(self.out, self.model, self.corpus.vocab, self.cfg)
+        self._save_resume(parts)
+        atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.metrics))
+        plot_curves(self.metrics, self.out / "curves.png", f"{self.model_cfg.cell}: {self.out.name}")
+        self.log(summary)
 
-    budget_s = time_budget * 60 if time_budget is not None else math.inf
-    valid_cost_s = 0.0  # measured at the first validation, reserved from the budget afterwards
-    interrupted: int | None = None
-    step_losses: list[float] = []
-    with stop_on_signals() as signals, log.progress(len(windows)) as bar, \
-            summaries(out / "tensorboard", tensorboard, comm.main) as tb:
-        while epoch < train_cfg.epochs:
-            too_late = window == 0 and valid_cost_s and time.monotonic() - started + 2 * valid_cost_s >= budget_s
-            if comm.main_decides(bool(too_late)):
-                break  # the last validation was just done; a few steps more would only cost another one
-            lr = learning_rate(train_cfg, epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            model.train()
-            if window == 0:  # each epoch starts from the zero state, as ptb_word_lm and the RHN code do:
-                state = model.init_state(train_data.shape[1], dev)  # the carry would be another stream's end
-            epoch_nll, epoch_tokens, t0 = 0.0, 0, time.monotonic()
-            bar.start_epoch(epoch, window)
-            out_of_budget = False
-            for index, x_np, y_np in windows.windows(window):
-                x, y = torch.from_numpy(x_np).to(dev), torch.from_numpy(y_np).to(dev)
-                logits, state = net(x, state)
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))  # token mean: reported
-                optimizer.zero_grad(set_to_none=True)
-                objective(loss, x.shape[0], train_cfg, model).backward()  # under DDP: averaged over the ranks
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.clip or math.inf)
-                # A loss is one rank's own: sum the losses and the non-finite flags over the ranks.
-                loss_sum, bad_loss, bad_norm = comm.all_sum(
-                    [float(loss.detach()), not torch.isfinite(loss), not torch.isfinite(norm)])
-                if bad_loss or bad_norm:
-                    what = "loss" if bad_loss else "gradient norm"
-                    raise RnnlmError(
-                        f"training diverged at step {step + 1}: the {what} is not finite (lr {lr:g}). "
-                        f"Lower the learning rate (--set lr=...) or the clip norm; the last good checkpoint "
-                        f"in {out} is untouched.", code=3)
-                optimizer.step()
-                state = detach_state(state)
-                step, window = step + 1, index + 1
-                n, loss_value = y.numel() * comm.size, loss_sum / comm.size  # every rank scores as many tokens
-                tokens_seen += n
-                step_losses.append(loss_value)
-                tb.step(step, loss_value, lr)
-                epoch_nll += loss_value * n
-                epoch_tokens += n
-                elapsed = time.monotonic() - started
-                bar.advance(tokens=n, seconds=time.monotonic() - t0, epoch_tokens=epoch_tokens,
-                            ppl=_ppl(epoch_nll / epoch_tokens), lr=lr,
-                            left=budget_s - elapsed if budget_s < math.inf else None)
-                if on_step is not None:
-                    on_step(step)
-                # Any rank's signal stops all of them; the budget is read from rank 0's clock only.
-                over = (max_steps is not None and step >= max_steps) or elapsed + valid_cost_s >= budget_s
-                signum, over_flag = comm.all_max([signals[0] if signals else 0, over and comm.main])
-                if signum:
-                    interrupted = int(signum)
-                    break
-                if over_flag:
-                    out_of_budget = True
-                    break
-            if interrupted is not None:
-                comm.on_main(write_interrupted, comm.gather(rank_state()))
+    # ------------------------------------------------------------------ training
+    def train_step(self, x_np: Any, y_np: Any, lr: float) -> float:
+        """One window: forward, backward, clip, check for divergence on every rank, update. Returns
+        the mean loss over the ranks (natural-log NLL per token)."""
+        x, y = torch.from_numpy(x_np).to(self.dev), torch.from_numpy(y_np).to(self.dev)
+        logits, self.state = self.net(x, self.state)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))  # token mean: reported
+        self.optimizer.zero_grad(set_to_none=True)
+        objective(loss, x.shape[0], self.cfg, self.model).backward()  # under DDP: averaged over the ranks
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip or math.inf)
+        # A loss is one rank's own: sum the losses and the non-finite flags over the ranks.
+        loss_sum, bad_loss, bad_norm = self.comm.all_sum(
+            [float(loss.detach()), not torch.isfinite(loss), not torch.isfinite(norm)])
+        if bad_loss or bad_norm:
+            what = "loss" if bad_loss else "gradient norm"
+            raise RnnlmError(
+                f"training diverged at step {self.at.step + 1}: the {what} is not finite (lr {lr:g}). "
+                f"Lower the learning rate (--set lr=...) or the clip norm; the last good checkpoint "
+                f"in {self.out} is untouched.", code=3)
+        self.optimizer.step()
+        self.state = detach_state(self.state)
+        return loss_sum / self.comm.size
+
+    def run_epoch(self, clock: _Clock, signals: list[int], bar: Bar, tb: Any,
+                  on_step: Callable[[int], None] | None) -> _Epoch:
+        """Train the windows of the current epoch from ``at.window``, until its end or a stop that
+        every rank agrees on (a signal on any rank, the budget or max_steps on rank 0's clock)."""
+        at, comm = self.at, self.comm
+        ep = _Epoch(lr=learning_rate(self.cfg, at.epoch), started=time.monotonic())
+        for group in self.optimizer.param_groups:
+            group["lr"] = ep.lr
+        self.model.train()
+        if at.window == 0:  # each epoch starts from the zero state, as ptb_word_lm and the RHN code do:
+            self.state = self.model.init_state(self.data.shape[1], self.dev)  # the carry is another stream's end
+        bar.start_epoch(at.epoch, at.window)
+        for index, x_np, y_np in self.windows.windows(at.window):
+            loss = self.train_step(x_np, y_np, ep.lr)
+            n = y_np.size * comm.size  # every rank scores as many tokens
+            at.step, at.window, at.tokens_seen = at.step + 1, index + 1, at.tokens_seen + n
+            ep.nll, ep.tokens = ep.nll + loss * n, ep.tokens + n
+            self.step_losses.append(loss)
+            tb.step(at.step, loss, ep.lr)
+            bar.advance(tokens=n, seconds=time.monotonic() - ep.started, epoch_tokens=ep.tokens,
+                        ppl=_ppl(ep.nll / ep.tokens), lr=ep.lr, left=clock.left())
+            if on_step is not None:
+                on_step(at.step)
+            signum, over = comm.all_max([signals[0] if signals else 0, clock.over(at.step) and comm.main])
+            if signum:
+                self.interrupted = int(signum)
+                ep.stop = "signal"
                 break
-            epoch_done = window >= len(windows)
-            t_valid = time.monotonic()
-            result = comm.on_main(lambda: evaluate(model, corpus.valid, start_id=corpus.vocab.eos_id,
-                                                   batch_size=eval_batch_size, device=dev))
-            valid_cost_s = time.monotonic() - t_valid
-            train_nll = epoch_nll / max(epoch_tokens, 1)
-            row: dict[str, Any] = {
-                "epoch": epoch + (1 if epoch_done else window / len(windows)), "step": step,
-                "tokens_seen": tokens_seen, "lr": lr, "train_ppl": _ppl(train_nll), "valid_ppl": result.ppl,
-                "elapsed_s": round(time.monotonic() - started, 1),
-                "tokens_per_s": round(epoch_tokens / max(t_valid - t0, 1e-9), 1),
-                **({"valid_oov": corpus.records["valid"].oov} if "valid" in corpus.records else {}),
-            }
-            if model_cfg.level == "char":
-                row["train_bpc"], row["valid_bpc"] = train_nll / math.log(2), result.bpc
-            metrics.append(row)
-            tb.validation(row)
-            improved = result.ppl < best
-            if improved:
-                best = result.ppl
-            if epoch_done:
-                epoch, window = epoch + 1, 0
-            comm.on_main(write_validated, comm.gather(rank_state()), improved,
-                         f"epoch {row['epoch']:.2f}  step {step}  train ppl {row['train_ppl']:.1f}  valid ppl "
-                         f"{result.ppl:.1f}  lr {lr:.3g}  {row['tokens_per_s']:.0f} tok/s  {row['elapsed_s']:.0f}s")
-            if out_of_budget:
+            if over:
+                ep.stop = "budget"
                 break
-    return TrainResult(out=out, epochs_done=epoch, steps=step, best_valid_ppl=best, interrupted_by=interrupted,
-                       metrics=metrics, step_losses=step_losses, rank=comm.rank, world_size=comm.size)
+        return ep
+
+    def validate(self, ep: _Epoch, clock: _Clock, tb: Any) -> None:
+        """Evaluate on valid (rank 0), record the row, keep the best weights, write the resume state."""
+        at, comm = self.at, self.comm
+        epoch_done = at.window >= len(self.windows)
+        t_valid = time.monotonic()
+        result = comm.on_main(lambda: evaluate(self.model, self.corpus.valid, start_id=self.corpus.vocab.eos_id,
+                                               batch_size=clock.eval_batch_size, device=self.dev))
+        clock.valid_cost_s = time.monotonic() - t_valid
+        row = self._row(ep, result, epoch_done, t_valid, clock)
+        self.metrics.append(row)
+        tb.validation(row)
+        improved = result.ppl < at.best
+        if improved:
+            at.best = result.ppl
+        if epoch_done:
+            at.epoch, at.window = at.epoch + 1, 0
+        comm.on_main(self._write_validated, comm.gather(self._rank_state()), improved,
+                     f"epoch {row['epoch']:.2f}  step {at.step}  train ppl {row['train_ppl']:.1f}  valid ppl "
+                     f"{result.ppl:.1f}  lr {ep.lr:.3g}  {row['tokens_per_s']:.0f} tok/s  {row['elapsed_s']:.0f}s")
+
+    def _row(self, ep: _Epoch, result: Any, epoch_done: bool, t_valid: float, clock: _Clock) -> dict[str, Any]:
+        at = self.at
+        train_nll = ep.nll / max(ep.tokens, 1)
+        row: dict[str, Any] = {
+            "epoch": at.epoch + (1 if epoch_done else at.window / len(self.windows)), "step": at.step,
+            "tokens_seen": at.tokens_seen, "lr": ep.lr, "train_ppl": _ppl(train_nll), "valid_ppl": result.ppl,
+            "elapsed_s": round(clock.elapsed(), 1),
+            "tokens_per_s": round(ep.tokens / max(t_valid - ep.started, 1e-9), 1),
+            **({"valid_oov": self.corpus.records["valid"].oov} if "valid" in self.corpus.records else {}),
+        }
+        if self.model_cfg.level == "char":
+            row["train_bpc"], row["valid_bpc"] = train_nll / math.log(2), result.bpc
+        return row
+
+    def run(self, clock: _Clock, on_step: Callable[[int], None] | None, tensorboard: bool | None) -> None:
+        """Epochs until the config's last, a signal, or the budget; a validation after each."""
+        comm = self.comm
+        with stop_on_signals() as signals, self.log.progress(len(self.windows)) as bar, \
+                summaries(self.out / "tensorboard", tensorboard, comm.main) as tb:
+            while self.at.epoch < self.cfg.epochs:
+                if comm.main_decides(self.at.window == 0 and clock.no_room_for_an_epoch()):
+                    break  # the last validation was just done; a few steps more would only cost another one
+                ep = self.run_epoch(clock, signals, bar, tb, on_step)
+                if ep.stop == "signal":
+                    comm.on_main(self._write_interrupted, comm.gather(self._rank_state()))
+                    break
+                self.validate(ep, clock, tb)
+                if ep.stop == "budget":
+                    break
+
+    def result(self) -> TrainResult:
+        at = self.at
+        return TrainResult(out=self.out, epochs_done=at.epoch, steps=at.step, best_valid_ppl=at.best,
+                           interrupted_by=self.interrupted, metrics=self.metrics, step_losses=self.step_losses,
+                           rank=self.comm.rank, world_size=self.comm.size)
+
+
+@dataclass
+class _Clock:
+    """The run's limits: a time budget that includes validation (whose measured cost is reserved
+    once known), and max_steps."""
+
+    budget_s: float
+    max_steps: int | None
+    eval_batch_size: int
+    started: float = field(default_factory=time.monotonic)
+    valid_cost_s: float = 0.0  # measured at the first validation
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def left(self) -> float | None:
+        return self.budget_s - self.elapsed() if self.budget_s < math.inf else None
+
+    def over(self, step: int) -> bool:
+        return (self.max_steps is not None and step >= self.max_steps) or self.elapsed() + self.valid_cost_s >= self.budget_s
+
+    def no_room_for_an_epoch(self) -> bool:
+        return bool(self.valid_cost_s) and self.elapsed() + 2 * self.valid_cost_s >= self.budget_s
+
+
+def _run(
+    model_cfg: ModelConfig, train_cfg: TrainConfig, corpus: Corpus, out: Path, dev: torch.device,
+    max_steps: int | None, time_budget: float | None, resume: bool, force: bool, eval_batch_size: int,
+    quiet: bool, on_step: Callable[[int], None] | None, comm: Comm, tensorboard: bool | None = None,
+) -> TrainResult:
+    clock = _Clock(time_budget * 60 if time_budget is not None else math.inf, max_steps, eval_batch_size)
+    log = Log(quiet or not comm.main)
+    trainer = _Trainer(model_cfg, train_cfg, corpus, out, dev, comm, log)
+    trainer.start(resume, force)
+    log(_corpus_summary(corpus))
+    trainer.run(clock, on_step, tensorboard)
+    return trainer.result()
 
 
 def _join_carries(carries: list[list[tuple[torch.Tensor, ...]]]) -> list[tuple[torch.Tensor, ...]]:
@@ -481,56 +577,3 @@ def _check_same_run(out: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, c
             problems.append("training config differs (" + ", ".join(diffs) + ")")
     if problems and not force:
         raise RnnlmError(f"refusing to resume {out}: " + "; ".join(problems) + " (pass --force to resume anyway)")
-
-
-class _Log:
-    """One-line summaries on stderr and a rich progress bar when stderr is a terminal."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        from rich.console import Console
-
-        self.console = Console(stderr=True)
-
-    def __call__(self, message: str) -> None:
-        if not self.quiet:  # whole lines: rich would wrap at 80 columns when stderr is a file or a pipe
-            self.console.print(message, highlight=False, markup=False, soft_wrap=True)
-
-    @contextlib.contextmanager
-    def progress(self, total: int) -> Iterator[_Bar]:
-        bar = _Bar(total, self.console, enabled=not self.quiet and sys.stderr.isatty())
-        try:
-            yield bar
-        finally:
-            bar.close()
-
-
-class _Bar:
-    def __init__(self, total: int, console: Any, enabled: bool) -> None:
-        self.total, self.enabled = total, enabled
-        self.task: Any = None
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.progress = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console,
-                                     transient=True)
-            self.progress.start()
-
-    def start_epoch(self, epoch: int, window: int) -> None:
-        if self.enabled:
-            if self.task is not None:
-                self.progress.remove_task(self.task)
-            self.task = self.progress.add_task("", total=self.total, completed=window, epoch=epoch + 1, info="")
-
-    def advance(self, *, tokens: int, seconds: float, epoch_tokens: int, ppl: float, lr: float,
-                left: float | None) -> None:
-        if self.enabled and self.task is not None:
-            info = f"{epoch_tokens / max(seconds, 1e-9):,.0f} tok/s  ppl {ppl:,.1f}  lr {lr:.3g}"
-            if left is not None:
-                info += f"  budget left {max(left, 0) / 60:.1f} min"
-            self.progress.update(self.task, advance=1, info=info)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.progress.stop()
