@@ -37,7 +37,7 @@ def test_no_arguments_shows_help() -> None:
     assert "train" in result.output and "score" in result.output and "generate" in result.output
 
 
-@pytest.mark.parametrize("command", ["info", "data", "train", "eval", "export", "score", "generate", "serve"])
+@pytest.mark.parametrize("command", ["info", "data", "train", "eval", "export", "score", "rescore", "generate", "serve"])
 def test_every_command_has_help_with_an_example(command: str) -> None:
     code, out, _ = invoke(command, "--help")
     assert code == 0
