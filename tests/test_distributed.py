@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from test_distributed import DROPOUT, SGD
 from test_train import TINY, tiny_corpus
 
-import rnnlm.train
+import rnnlm.trainer
 from rnnlm.errors import RnnlmError
 from rnnlm.train import train
 
@@ -106,15 +106,15 @@ def inf_loss_on_rank1(*a, **kw):  # the loss is infinite, the gradient finite: o
     calls[0] += 1
     return real_ce(*a, **kw) + (float("inf") if calls[0] == 3 else 0.0)
 if rank == 1:
-    rnnlm.train.F = types.SimpleNamespace(cross_entropy=inf_loss_on_rank1)
+    rnnlm.trainer.F = types.SimpleNamespace(cross_entropy=inf_loss_on_rank1)
 run("inf", cell="lstm", out=f"{runs}/inf", overrides=TINY)
-rnnlm.train.F = F
+rnnlm.trainer.F = F
 
 real_clock = time.monotonic  # rank 1's clock runs 1000 times fast: if it counted, rank 1 would stop at step 1
 if rank == 1:
-    rnnlm.train.time = types.SimpleNamespace(monotonic=lambda: 1000 * real_clock())
+    rnnlm.trainer.time = types.SimpleNamespace(monotonic=lambda: 1000 * real_clock())
 run("budget", cell="lstm", out=f"{runs}/budget", overrides=[*TINY, "epochs=100000"], time_budget=0.02)
-rnnlm.train.time = time
+rnnlm.trainer.time = time
 
 run("ws-refused", cell="lstm", out=f"{runs}/from-single", overrides=sgd, max_steps=4, resume=True)
 run("ws-forced", cell="lstm", out=f"{runs}/from-single", overrides=sgd, max_steps=4, resume=True, force=True)
