@@ -34,11 +34,15 @@ def sample(logprobs: np.ndarray, rng: np.random.Generator, *, temperature: float
     """One token id per row of logprobs (B, V)."""
     if temperature == 0:
         return logprobs.argmax(axis=-1).astype(np.int64)
-    logits = logprobs.astype(np.float64) / temperature
+    # The max is taken out before dividing: with a tiny temperature the others overflow to -inf (their
+    # probability, 0), never inf - inf = NaN. The limit is the greedy choice, as it should be.
+    shifted = logprobs.astype(np.float64) - logprobs.max(axis=-1, keepdims=True)
+    with np.errstate(over="ignore"):
+        logits = shifted / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = np.partition(logits, -top_k, axis=-1)[:, -top_k][:, None]
         logits = np.where(logits < kth, -np.inf, logits)
-    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs = np.exp(logits)
     probs /= probs.sum(axis=-1, keepdims=True)
     if top_p is not None and top_p < 1:
         order = np.argsort(-probs, axis=-1)
