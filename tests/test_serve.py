@@ -186,7 +186,7 @@ def test_greedy_paths_are_the_argmax(lm: LanguageModel) -> None:
     prompt, n = ["the", "stock", "market"], 25
     ref = greedy_reference(lm, prompt, n)
     # A temperature so small that dividing by it overflows is the greedy limit too, not NaN sampling.
-    for kw in ({"temperature": 0.0}, {"top_k": 1, "seed": 11}, {"top_p": 1e-9, "seed": 12}, {"temperature": 1e-300, "seed": 13}):
+    for kw in ({"temperature": 0.0}, {"top_k": 1, "seed": 11}, {"top_p": 1e-9, "seed": 12}, {"temperature": 5e-324, "seed": 13}):
         ids = [int(c[0]) for c in lm.generate_ids(" ".join(prompt), max_new_tokens=n, stop_at_eos=False, **kw)]
         assert ids == ref, kw
     text = lm.generate("The Stock market", temperature=0, max_new_tokens=n)[0]  # stops at <eos>
