@@ -30,7 +30,7 @@ import numpy.typing as npt
 
 from rnnlm.errors import RnnlmError
 from rnnlm.fsutil import atomic_write_bytes
-from rnnlm.text import TextError, TextSpec
+from rnnlm.text import TextError, TextSpec, open_input
 from rnnlm.vocab import IdArray, Vocabulary
 
 PTB_URL = "http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz"
@@ -226,14 +226,9 @@ class FileRecord:
 def read_tokens(path: str | Path, spec: TextSpec) -> tuple[list[str], FileRecord]:
     """The tokens of a text file under ``spec``, and its record (tokens known, oov not yet)."""
     path = Path(path)
-    if path.is_dir():
-        raise TextError(f"{path} is a directory, not a text file")
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise TextError(f"{path}: no such file") from None
-    except PermissionError:
-        raise TextError(f"{path}: permission denied") from None
+    source, _ = open_input(path)  # the runtime's checks and messages: a directory, missing, unreadable
+    with source:
+        data = source.read()
     if not data.strip():
         raise TextError(f"{path} is empty")
     tokens = list(spec.stream_words(io.BytesIO(data), str(path)))
