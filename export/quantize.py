@@ -159,9 +159,9 @@ def _session(form: str, w: np.ndarray, threads: int) -> Any:
 
 
 def time_forms(forms: list[str], w: np.ndarray, rows: int, threads: int) -> list[dict[str, Any]]:
-    """Median seconds per call of y = x @ w in each form at ``rows`` rows, and each form's error against
-    float64. The forms are timed in turn, round after round (ROUNDS), so that a change in the machine's
-    load during the measurement falls on all of them alike."""
+    """Seconds per call of y = x @ w in each form at ``rows`` rows (the fastest of ROUNDS rounds), and each
+    form's error against float64. The forms are timed in turn, round after round, so that a change in the
+    machine's load during the measurement falls on all of them alike."""
     x = np.random.default_rng(0).standard_normal((rows, w.shape[0])).astype(np.float32)
     ref = x.astype(np.float64) @ w.astype(np.float64)
     out: dict[str, dict[str, Any]] = {}
@@ -186,7 +186,10 @@ def time_forms(forms: list[str], w: np.ndarray, rows: int, threads: int) -> list
                 sess.run(None, {"x": x})
             times.append((time.perf_counter() - t) / calls)
     for form, (_, _, times) in live.items():
-        out[form]["seconds"] = statistics.median(times)
+        # The fastest round is the one least disturbed by other work on the machine: a shared machine
+        # only ever adds time, so the minimum, not the median, ranks the forms (the median is recorded).
+        out[form]["seconds"] = min(times)
+        out[form]["median_seconds"] = statistics.median(times)
     return [out[f] for f in forms]
 
 
