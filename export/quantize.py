@@ -159,9 +159,9 @@ def _session(form: str, w: np.ndarray, threads: int) -> Any:
 
 
 def time_forms(forms: list[str], w: np.ndarray, rows: int, threads: int) -> list[dict[str, Any]]:
-    """Seconds per call of y = x @ w in each form at ``rows`` rows (the fastest of ROUNDS rounds), and each
-    form's error against float64. The forms are timed in turn, round after round, so that a change in the
-    machine's load during the measurement falls on all of them alike."""
+    """Seconds per call of y = x @ w in each form at ``rows`` rows (median of ROUNDS rounds), its time
+    relative to the first form's in the same rounds, and its error against float64. The forms are timed
+    in turn, round after round, so that a change in the machine's load falls on all of them alike."""
     x = np.random.default_rng(0).standard_normal((rows, w.shape[0])).astype(np.float32)
     ref = x.astype(np.float64) @ w.astype(np.float64)
     out: dict[str, dict[str, Any]] = {}
@@ -185,11 +185,14 @@ def time_forms(forms: list[str], w: np.ndarray, rows: int, threads: int) -> list
             for _ in range(calls):
                 sess.run(None, {"x": x})
             times.append((time.perf_counter() - t) / calls)
+    base = live[forms[0]][2] if forms[0] in live else None
     for form, (_, _, times) in live.items():
-        # The fastest round is the one least disturbed by other work on the machine: a shared machine
-        # only ever adds time, so the minimum, not the median, ranks the forms (the median is recorded).
-        out[form]["seconds"] = min(times)
-        out[form]["median_seconds"] = statistics.median(times)
+        out[form]["seconds"] = statistics.median(times)
+        if base is not None:
+            # Each round times every form back to back, so the load of that moment falls on all of them:
+            # the median over rounds of the time relative to the first form (fp32) in the same round is
+            # what ranks them (a load that changes between rounds cancels; min or median alone did not).
+            out[form]["relative"] = statistics.median(t / b for t, b in zip(times, base, strict=True))
     return [out[f] for f in forms]
 
 
@@ -205,11 +208,13 @@ def choose(product: Product, w: np.ndarray, threads: int, forms: list[str] | Non
         [time_form(f, w, product.rows, threads) for f in forms]  # a replaced time_form (tests) is honoured
     fp32 = next(t["seconds"] for t in timings if t["form"] == "fp32")
     usable = [t for t in timings if t["seconds"] is not None]
-    best = min(usable, key=lambda t: t["seconds"])
-    chosen = best["form"] if best["seconds"] * MIN_GAIN <= fp32 else "fp32"
+    for t in usable:
+        t.setdefault("relative", t["seconds"] / fp32)
+    best = min(usable, key=lambda t: t["relative"])
+    chosen = best["form"] if best["relative"] * MIN_GAIN <= 1.0 else "fp32"
     return {"graph": product.graph, "weight": product.weight, "shape": [product.k, product.n], "uses": product.uses,
-            "rows_per_call": product.rows, "chosen": chosen, "speedup": fp32 / next(t["seconds"] for t in usable if t["form"] == chosen),
-            "candidates": timings}
+            "rows_per_call": product.rows, "chosen": chosen,
+            "speedup": 1.0 / next(t["relative"] for t in usable if t["form"] == chosen), "candidates": timings}
 
 
 _time_form_default = time_form
