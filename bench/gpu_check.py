@@ -55,10 +55,15 @@ def ort_cuda_reason() -> str | None:
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return f"skipped: onnxruntime {ort.__version__} has no CUDAExecutionProvider"
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4  # its refusal is the answer here, not log lines
     try:
-        ort.InferenceSession(_tiny_model(), providers=["CUDAExecutionProvider"])
-    except Exception as e:  # noqa: BLE001 - missing libcublas etc. surface here
+        sess = ort.InferenceSession(_tiny_model(), opts, providers=["CUDAExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
         return f"skipped: the CUDA provider does not start ({str(e).splitlines()[0][:120]})"
+    if "CUDAExecutionProvider" not in sess.get_providers():  # onnxruntime falls back to the CPU silently
+        return (f"skipped: onnxruntime {ort.__version__} lists a CUDA provider, but it does not start here "
+                "(no GPU or no CUDA libraries: it fell back to the CPU)")
     return None
 
 

@@ -86,15 +86,31 @@ def share_tied_weights(model: onnx.ModelProto) -> int:
             continue
         if not np.array_equal(numpy_helper.to_array(inits[original]).T, numpy_helper.to_array(inits[node.input[1]])):
             continue
-        gemm = helper.make_node("Gemm", [node.input[0], original], list(node.output), name=f"{node.name}.Gemm", transB=1)
+        add, bias = _bias_add(graph, node.output[0], inits)
+        ins, outs = ([node.input[0], original, bias], list(add.output)) if add is not None else \
+            ([node.input[0], original], list(node.output))
+        gemm = helper.make_node("Gemm", ins, outs, name=f"{node.name}.Gemm", transB=1)
         graph.node.remove(node)
         graph.node.insert(i, gemm)
+        if add is not None:  # Gemm adds the bias as it writes the logits: no second pass over them
+            graph.node.remove(add)
         rewritten += 1
     used = {name for n in graph.node for name in n.input}
     keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
     return rewritten
+
+
+def _bias_add(graph: onnx.GraphProto, name: str, inits: dict[str, onnx.TensorProto]) -> tuple[onnx.NodeProto | None, str]:
+    """The Add that alone reads ``name`` with a 1-D initializer as its other input, and that input's name."""
+    readers = [n for n in graph.node if name in n.input]
+    if len(readers) != 1 or readers[0].op_type != "Add" or name in {o.name for o in graph.output}:
+        return None, ""
+    other = [x for x in readers[0].input if x != name]
+    if len(other) == 1 and other[0] in inits and len(inits[other[0]].dims) == 1:
+        return readers[0], other[0]
+    return None, ""
 
 
 def _ranks(graph: onnx.GraphProto) -> dict[str, int]:

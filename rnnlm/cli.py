@@ -272,7 +272,7 @@ def eval_cmd(
 def export(
     model_dir: Annotated[Path | None, typer.Argument(help="Checkpoint directory (or use --cell for models/<cell>).")] = None,
     cell: CellOpt = None,
-    out: Annotated[Path | None, typer.Option(help="Bundle directory (default: <model>/onnx, or <model>/onnx-int8).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Bundle directory (default: <model>/onnx; <model>/onnx-quant or onnx-int8 with --quantize).")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset, 17 or newer (native LayerNormalization).")] = 18,
     chunk: Annotated[int, typer.Option(help="Time steps per call of the scoring graph.")] = 32,
     quantize: Annotated[str | None, typer.Option(help="auto: each large product in the form measured fastest (fp32, "

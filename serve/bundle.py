@@ -29,7 +29,7 @@ class BundleError(RnnlmError):
 
 
 def find_bundle(path: str | Path | None, search_root: str | Path = "models") -> Path:
-    """A bundle directory itself, a model directory holding ``onnx/`` (or ``onnx-int8/``), or, with
+    """A bundle directory itself, a model directory holding ``onnx/`` (or ``onnx-quant/``, ``onnx-int8/``), or, with
     no path, the most recently exported bundle under ``search_root``."""
     if path is None:
         root = Path(search_root)
@@ -40,7 +40,7 @@ def find_bundle(path: str | Path | None, search_root: str | Path = "models") -> 
     p = Path(path)
     if (p / MANIFEST).is_file():
         return p
-    for sub in ("onnx", "onnx-int8"):
+    for sub in ("onnx", "onnx-quant", "onnx-int8"):
         if (p / sub / MANIFEST).is_file():
             return p / sub
     if not p.exists():

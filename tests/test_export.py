@@ -420,6 +420,9 @@ def test_quantized_bundle_is_measured_validated_and_loads(built: Callable[[str, 
     chosen = {p["chosen"] for p in q["products"]}
     assert ("DynamicQuantizeMatMul" in ops) == ("int8" in chosen)
     assert ("MatMulNBits" in ops) == any(c.startswith("nbits4") for c in chosen)
+    if mode == "int8":  # the decoder's bias is added by the quantized product itself, not by an Add after it
+        score_nodes = onnx.load(str(out / "score.onnx")).graph.node
+        assert any(n.op_type == "DynamicQuantizeMatMul" and len(n.input) == 5 and n.input[4] for n in score_nodes)
     assert sorted(p.name for p in out.iterdir()) == sorted(BUNDLE_FILES)
     for name, meta in m["files"].items():
         assert meta["sha256"] == file_sha256(out / name)
@@ -484,17 +487,16 @@ def test_each_quantized_form_computes_the_product(form: str) -> None:
 def test_products_are_the_large_weights_with_rows_per_call(built: Callable[[str, bool], Built]) -> None:
     from rnnlm.export import quantize
 
-    b = built("lstm", False)  # two layers, tied: per layer an input and a recurrent product, and the decoder
+    b = built("lstm", True)  # one layer, untied: an input and a recurrent product, and the decoder
     score = onnx.load(str(b.bundle / "score.onnx"))
     step = onnx.load(str(b.bundle / "step.onnx"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(quantize, "MIN_ELEMENTS", 0)
         sp, tp = quantize.find_products(score, "score", CHUNK), quantize.find_products(step, "step", CHUNK)
-    # Scoring graph: the decoder and each layer's input projection are hoisted over the chunk (one
-    # MatMul of CHUNK rows each); each recurrent matrix is used once per step, one row at batch 1.
-    assert sorted((p.k, p.n, p.uses, p.rows) for p in sp) == sorted(
-        [(32, V, 1, CHUNK), (32, 128, 1, CHUNK), (32, 128, 1, CHUNK), (32, 128, CHUNK, 1), (32, 128, CHUNK, 1)])
-    assert sorted((p.k, p.n, p.uses, p.rows) for p in tp) == sorted([(32, V, 1, 1)] + [(32, 128, 1, 1)] * 4)
+    # Scoring graph: the decoder and the input projection are hoisted over the chunk (one MatMul of
+    # CHUNK rows each); the recurrent matrix is used once per step, one row at batch 1.
+    assert sorted((p.k, p.n, p.uses, p.rows) for p in sp) == sorted([(32, V, 1, CHUNK), (32, 128, 1, CHUNK), (32, 128, CHUNK, 1)])
+    assert sorted((p.k, p.n, p.uses, p.rows) for p in tp) == sorted([(32, V, 1, 1), (32, 128, 1, 1), (32, 128, 1, 1)])
     assert quantize.find_products(score, "score", CHUNK) == []  # nothing this small is worth quantizing
 
 
@@ -562,3 +564,4 @@ def test_a_tied_decoder_is_stored_once(built: Callable[[str, bool], Built]) -> N
         assert not any(a.shape == emb.T.shape and np.array_equal(a, emb.T) for a in arrays), name
         gemms = [n for n in g.node if n.op_type == "Gemm"]
         assert len(gemms) == 1 and {a.name: a.i for a in gemms[0].attribute}.get("transB") == 1, name
+        assert len(gemms[0].input) == 3 and gemms[0].input[1] == "model.embedding.weight", name  # bias folded in
