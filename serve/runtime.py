@@ -22,6 +22,7 @@ from rnnlm.errors import RnnlmError
 from rnnlm.text import Token, Tokenizer, check_text
 
 MAX_NEW_TOKENS = 10_000  # the cap on one generate call
+ADVANCE_THREADS = 1  # intra-op threads of the advance graph's session (see LanguageModel.__init__)
 DTYPES = {"int64": "tensor(int64)", "float32": "tensor(float)"}
 
 
@@ -152,6 +153,23 @@ def providers_for(device: str) -> list[str]:
     return [CPU]
 
 
+def _session_options(threads: int) -> ort.SessionOptions:
+    """The onnxruntime options of every session, with ``threads`` intra-op threads."""
+    opts = ort.SessionOptions()
+    # Measured (bench/RESULTS.md): the unrolled scoring graph has thousands of small nodes, and
+    # onnxruntime's memory-reuse planner takes seconds over them while saving no run time; basic
+    # graph optimisations run as fast here as the extended ones and load faster.
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.enable_mem_reuse = False
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 4  # a CUDA provider that cannot start is reported in one line, not ORT's log
+    opts.inter_op_num_threads = 1
+    # Deliberate: one intra-op thread per core; the recurrent step is small, so more threads than
+    # cores only adds synchronisation.
+    opts.intra_op_num_threads = threads
+    return opts
+
+
 class LanguageModel:
     """A bundle loaded into onnxruntime. Build it with ``LanguageModel.load(path)``."""
 
@@ -170,19 +188,11 @@ class LanguageModel:
         # prompt of at least one advance chunk, never at load, so cold start does not pay for it.
         self.advance_chunk = bundle.advance_chunk
         self.states = m["state"]
-        opts = ort.SessionOptions()
-        # Measured (bench/RESULTS.md): the unrolled scoring graph has thousands of small nodes, and
-        # onnxruntime's memory-reuse planner takes seconds over them while saving no run time; basic
-        # graph optimisations run as fast here as the extended ones and load faster.
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        opts.enable_mem_reuse = False
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.log_severity_level = 4  # a CUDA provider that cannot start is reported in one line, not ORT's log
-        opts.inter_op_num_threads = 1
-        # Deliberate: one intra-op thread per core; the recurrent step is small, so more threads than
-        # cores only adds synchronisation.
-        opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
-        self._options = opts
+        self._options = _session_options(threads or (os.cpu_count() or 1))
+        # Reading one prompt is a chain of batch-1 steps, each too small to split across cores: the
+        # advance graph runs on one thread (measured: bench/RESULTS.md, "Reading prompts through the
+        # advance graph"), which also leaves the other cores to the server and to other requests.
+        self.advance_threads = ADVANCE_THREADS
         self.providers = providers_for(device)
         self._sessions: dict[str, ort.InferenceSession] = {}
         # On CUDA, generation keeps the recurrent state on the device between steps (IOBinding);
@@ -218,7 +228,8 @@ class LanguageModel:
             path = self.bundle.file(key)
             data = self.bundle.verified_bytes(path.name)  # the bytes that were hashed are the bytes that run
             try:
-                sess = ort.InferenceSession(data, self._options, providers=self.providers)
+                opts = self._options if key != "advance" else _session_options(self.advance_threads)
+                sess = ort.InferenceSession(data, opts, providers=self.providers)
             except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf types
                 raise BundleError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})") from None
             self._check_io(key, sess)

@@ -60,6 +60,8 @@ def test_manifest_lists_the_advance_graph(lstm: Built) -> None:
     assert [t["name"] for t in graph["outputs"]] == [s["output"] for s in m["state"]]  # the state, nothing else
     assert [t["name"] for t in graph["inputs"]] == ["token_ids", "lengths", *(s["input"] for s in m["state"])]
     assert m["validation"]["advance"]["max_abs_state_diff"] <= m["validation"]["tolerance"]
+    ops = {n.op_type for n in onnx.load(str(lstm.bundle / "advance.onnx")).graph.node}
+    assert "LogSoftmax" not in ops and "LogSoftmax" in {n.op_type for n in onnx.load(str(lstm.bundle / "score.onnx")).graph.node}
 
 
 @pytest.mark.parametrize("n", LENGTHS)
