@@ -21,6 +21,7 @@ taken out of its manifest, as a bundle exported before it existed.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import statistics
@@ -29,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import httpx
@@ -82,42 +84,40 @@ def one_mib(data: Path) -> str:
     return text[: text.rfind(" ", 0, 1 << 20)]  # about 1 MiB, cut at a space
 
 
-def in_process(lm: LanguageModel, ids: list[int], sample: int) -> tuple[float, float]:
-    """Seconds for the whole prompt: the step graph per token (extrapolated from ``sample``; nan
-    when 0) and the scoring graph in chunks (``feed``)."""
-    before = float("nan")
-    if sample:
-        t = time.perf_counter()
-        for _ in lm.position_logprobs(lm.context(), ids[:sample]):
-            pass
-        before = (time.perf_counter() - t) * len(ids) / min(sample, len(ids))
+def step_graph_seconds(lm: LanguageModel, ids: list[int], sample: int) -> float:
+    """Seconds for the whole prompt through the step graph per token, extrapolated from ``sample``
+    tokens (nan when 0)."""
+    if not sample:
+        return float("nan")
     t = time.perf_counter()
-    lm.feed(lm.context(), ids)
-    return before, time.perf_counter() - t
+    for _ in lm.position_logprobs(lm.context(), ids[:sample]):
+        pass
+    return (time.perf_counter() - t) * len(ids) / min(sample, len(ids))
 
 
-def advance_in_process(bundles: list[Path], ids: list[int], threads: list[int],
-                       repeat: int) -> list[tuple[int, int, float, list[float]]]:
-    """The advance graph of each bundle with each intra-op thread count: its chunk, the threads, its
-    session's creation on a fresh load (with the check against the scoring graph), and
-    ``lm.advance`` on the whole prompt, ``repeat`` times, interleaved across all of them so that
-    load changes fall on all alike."""
-    lms, created = [], []
+def advance_lms(bundles: list[Path], threads: list[int], session_threads: int) -> list[tuple[LanguageModel, float]]:
+    """Each bundle loaded once per advance thread count, with its advance session created: the
+    runtime and the seconds that creation took (with the check against the scoring graph)."""
+    out = []
     for b in bundles:
         for n in threads:
-            lm = LanguageModel.load(b, threads=max(threads))
+            lm = LanguageModel.load(b, threads=session_threads)
             lm.advance_threads = n
             t = time.perf_counter()
             lm.session("advance")
-            created.append(time.perf_counter() - t)
-            lms.append(lm)
-    runs: list[list[float]] = [[] for _ in lms]
+            out.append((lm, time.perf_counter() - t))
+    return out
+
+
+def interleaved(runners: Sequence[Callable[[], object]], repeat: int) -> list[list[float]]:
+    """Seconds of each runner, ``repeat`` times, interleaved so that load changes fall on all alike."""
+    runs: list[list[float]] = [[] for _ in runners]
     for _ in range(repeat):
-        for lm, r in zip(lms, runs, strict=True):
+        for run, r in zip(runners, runs, strict=True):
             t = time.perf_counter()
-            lm.advance(lm.context(), ids)
+            run()
             r.append(time.perf_counter() - t)
-    return [(lm.advance_chunk, lm.advance_threads, c, r) for lm, c, r in zip(lms, created, runs, strict=True)]
+    return runs
 
 
 def over_http(bundle: Path, prompt: str, threads: int) -> tuple[int, float, list[float]]:
@@ -175,7 +175,7 @@ def main() -> None:
     ap.add_argument("--advance-chunks", default="128", help="advance chunks to export and compare (without --model)")
     ap.add_argument("--out", type=Path, default=None, help="keep the exported bundles here (default: a temporary dir)")
     ap.add_argument("--no-http", action="store_true", help="in process only")
-    ap.add_argument("--repeat", type=int, default=3, help="runs of each advance graph (interleaved; median)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each in-process path (interleaved; median)")
     ap.add_argument("--no-score", action="store_true", help="skip the scoring graph's in-process run")
     ap.add_argument("--advance-threads", default="1", help="intra-op threads of the advance session to compare "
                     "(the runtime uses 1)")
@@ -190,18 +190,22 @@ def main() -> None:
         ids = [t.id for t in lm.prompt_tokens(prompt)]
         print(f"model {bundles[0]} ({lm.bundle.manifest['cell']}, scoring chunk {lm.chunk}), {os.cpu_count()} cores, "
               f"onnxruntime {args.threads} threads; prompt {len(prompt):,} characters, {len(ids):,} tokens")
-        step, score = in_process(lm, ids, args.step_sample) if not args.no_score else (float("nan"), float("nan"))
-        del lm
-        print(f"in process: step graph per token {step:.1f} s ({len(ids) / step:,.0f} tok/s, from "
-              f"{min(args.step_sample, len(ids)):,} tokens); scoring graph in chunks (before) {score:.1f} s "
-              f"({len(ids) / score:,.0f} tok/s)")
-        threads = [int(n) for n in args.advance_threads.split(",")]
-        for chunk, n, created, runs in advance_in_process(bundles, ids, threads, args.repeat):
-            seconds = statistics.median(runs)
-            print(f"in process: advance graph, chunk {chunk}, {n} thread(s) (after): session created in {created:.2f} s, "
-                  f"prompt read in {seconds:.1f} s (median of {len(runs)}; min {min(runs):.1f} s; "
+        step = step_graph_seconds(lm, ids, args.step_sample)
+        advancing = advance_lms(bundles, [int(n) for n in args.advance_threads.split(",")], args.threads)
+        runners = [] if args.no_score else [functools.partial(lm.feed, lm.context(), ids)]
+        runners += [functools.partial(m.advance, m.context(), ids) for m, _ in advancing]
+        runs = interleaved(runners, args.repeat)
+        score = float("nan") if args.no_score else statistics.median(runs.pop(0))
+        print(f"in process ({args.repeat} interleaved runs each, medians): step graph per token {step:.1f} s "
+              f"({len(ids) / step:,.0f} tok/s, from {min(args.step_sample, len(ids)):,} tokens); scoring graph in "
+              f"chunks (before) {score:.1f} s ({len(ids) / score:,.0f} tok/s)")
+        for (m, created), r in zip(advancing, runs, strict=True):
+            seconds = statistics.median(r)
+            print(f"in process: advance graph, chunk {m.advance_chunk}, {m.advance_threads} thread(s) (after): session "
+                  f"created in {created:.2f} s, prompt read in {seconds:.1f} s (min {min(r):.1f} s; "
                   f"{len(ids) / seconds:,.0f} tok/s): {score / seconds:.2f}x the scoring graph, "
                   f"{step / seconds:.2f}x the step graph")
+        del lm, advancing, runners
         if not args.no_http:
             report_http("without advance (before)", *over_http(old, prompt, args.threads))
             report_http(f"with advance, chunk {chunks[0]} (after)", *over_http(bundles[0], prompt, args.threads))
