@@ -108,8 +108,8 @@ def test_generation_is_the_same_with_and_without_it(lm: LanguageModel, lstm: Bui
     assert len(lm.prompt_tokens(prompt)) > 3 * C
     for seed in (1, 2):
         kw = dict(max_new_tokens=20, temperature=1.0, seed=seed, num_samples=2, stop_at_eos=False)
-        new = [c.tolist() for c in lm.generate_ids(prompt, **kw)]  # type: ignore[arg-type]
-        assert new == [c.tolist() for c in old.generate_ids(prompt, **kw)]  # type: ignore[arg-type]
+        new = [c.tolist() for c in lm.generate_ids(prompt, **kw)]
+        assert new == [c.tolist() for c in old.generate_ids(prompt, **kw)]
     assert "advance" not in old._sessions and "advance" in lm._sessions
 
 
@@ -136,3 +136,29 @@ def test_foreign_advance_graph_with_matching_hash_is_refused_on_first_use(lstm: 
     with pytest.raises(BundleError, match="differs from the scoring graph"):
         lm.advance(lm.context(), [lm.eos_id] * C)
     assert lm.generate("the stock market", max_new_tokens=3, seed=0)  # short prompts are unaffected
+
+
+def test_completion_without_echo_reads_its_prompt_through_it(lstm: Built, tmp_path: Path) -> None:
+    """/v1/completions' engine: the same choices (text, generated tokens' log-probabilities to 1e-5)
+    with and without the advance graph, and only the bundle that has it creates its session."""
+    from rnnlm.serve.completions import Delta, Sampling, run, text_prompt
+
+    new = LanguageModel.load(lstm.bundle, device="cpu")
+    old = LanguageModel.load(old_bundle(lstm.bundle, tmp_path / "old"), device="cpu")
+    args = Sampling(max_tokens=12, temperature=0.9, top_p=None, top_k=None, n=2, seed=3, stop=(), echo=False,
+                    logprobs=0)
+
+    def choices(lm: LanguageModel) -> list[Delta]:
+        prompt = text_prompt(lm, "the bank said rates rose in the week and bonds fell\n" * 6 + "traders")
+        assert len(prompt.ids) > 3 * C
+        return [d for d in run(lm, [prompt], args) if isinstance(d, Delta)]
+
+    a, b = choices(new), choices(old)
+    assert [(d.index, d.text, d.finish_reason) for d in a] == [(d.index, d.text, d.finish_reason) for d in b]
+    assert any(d.text for d in a)
+    for x, y in zip(a, b, strict=True):
+        assert (x.logprobs is None) == (y.logprobs is None)
+        if x.logprobs is not None and y.logprobs is not None:
+            assert x.logprobs["tokens"] == y.logprobs["tokens"]
+            np.testing.assert_allclose(x.logprobs["token_logprobs"], y.logprobs["token_logprobs"], atol=TOL)
+    assert "advance" in new._sessions and "advance" not in old._sessions
