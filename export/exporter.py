@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 import torch
 from rnnlm.export import quantize, spec
-from rnnlm.export.graphs import ScoreGraph, StepGraph, state_layout
+from rnnlm.export.graphs import AdvanceGraph, ScoreGraph, StepGraph, state_layout
 from rnnlm.export.passes import drop_weight_identities, gemm_to_matmul, share_tied_weights
 from rnnlm.export.validate import TOLERANCE, Report, ValidationError, run_score, run_step, validate
 
@@ -181,7 +181,7 @@ def _check_options(opset: int, chunk: int, quantize: str | None, max_ppl_rise: f
 
 def _manifest(cfg: Any, vocab: Vocabulary, states: list[spec.StateSpec], step_spec: spec.GraphSpec,
               score_spec: spec.GraphSpec, chunk: int, opset: int, source: dict[str, Any], tmp: Path,
-              extra: dict[str, Any]) -> dict[str, Any]:
+              extra: dict[str, Any], *, advance: tuple[spec.GraphSpec, int] | None = None) -> dict[str, Any]:
     manifest = {
         "format": "rnnlm-bundle",
         "format_version": spec.FORMAT_VERSION,
@@ -204,8 +204,36 @@ def _manifest(cfg: Any, vocab: Vocabulary, states: list[spec.StateSpec], step_sp
         "files": {name: {"sha256": sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
                   for name in (spec.STEP_FILE, spec.SCORE_FILE, spec.VOCAB_FILE)},
     }
+    if advance is not None:
+        _add_advance(manifest, tmp, *advance)
     atomic_write_text(tmp / spec.MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _add_advance(manifest: dict[str, Any], tmp: Path, graph: spec.GraphSpec, chunk: int) -> None:
+    """List the advance graph in the manifest: its interface among the graphs, its file among the files."""
+    manifest["graphs"]["advance"] = {**graph.to_json(), "chunk": chunk}
+    manifest["files"][graph.file] = {"sha256": sha256(tmp / graph.file), "bytes": (tmp / graph.file).stat().st_size}
+
+
+def _advance_args(states: list[spec.StateSpec], chunk: int) -> tuple[torch.Tensor, ...]:
+    batch = 2
+    return (torch.zeros(chunk, batch, dtype=torch.long), torch.full((batch,), chunk, dtype=torch.long),
+            *[torch.zeros(batch, s.size) for s in states])
+
+
+def _validate_advance(model: LanguageModel, lm: Runtime, tolerance: float) -> Report:
+    from rnnlm.export.validate import validate_advance  # the advance graph's own check (export.validate)
+
+    return validate_advance(model, lm, tolerance)
+
+
+def _check_advance_chunk(advance_chunk: int, quantize: str | None) -> int:
+    """The advance graph's chunk to export (0: none). A quantized bundle has none: its prompts are
+    read through its scoring graph, whose products were chosen and checked by measurement."""
+    if advance_chunk < 0 or advance_chunk > 1024:
+        raise RnnlmError(f"the advance chunk must be in [0, 1024] (0: no advance graph), got {advance_chunk}")
+    return 0 if quantize else advance_chunk
 
 
 def _runtime(tmp: Path) -> Runtime:
@@ -227,10 +255,12 @@ def export_bundle(
     force: bool = False,
     data_dir: str | Path | None = None,
     tolerance: float = TOLERANCE,
+    advance_chunk: int = spec.DEFAULT_ADVANCE_CHUNK,
 ) -> dict[str, Any]:
     """Export a checkpoint directory to a validated bundle; return the manifest's summary."""
     t0 = time.monotonic()
     _check_options(opset, chunk, quantize, max_ppl_rise)
+    advance_chunk = _check_advance_chunk(advance_chunk, quantize)
     model_dir, out_dir = _resolve_paths(model_dir, cell, out, quantize)
     refuse_shadowing(out_dir)
     model, vocab = load_model_dir(model_dir)
@@ -245,10 +275,17 @@ def export_bundle(
         graphs = {"step": _trace(StepGraph(model).eval(), _example_args(states, None), step_spec, step_path, opset),
                   "score": _trace(ScoreGraph(model, chunk).eval(), _example_args(states, chunk), score_spec, score_path, opset)}
         vocab.save(tmp / spec.VOCAB_FILE)
-        stage = functools.partial(_manifest, cfg, vocab, states, step_spec, score_spec, chunk, opset, source, tmp)
+        advance = None
+        if advance_chunk:
+            advance = (spec.advance_graph(states, advance_chunk), advance_chunk)
+            _trace(AdvanceGraph(model, advance_chunk).eval(), _advance_args(states, advance_chunk), advance[0],
+                   tmp / spec.ADVANCE_FILE, opset)
+        stage = functools.partial(_manifest, cfg, vocab, states, step_spec, score_spec, chunk, opset, source, tmp,
+                                  advance=advance)
         stage({})
         lm = _runtime(tmp)
         report = validate(model, lm, tolerance)
+        advance_report = _validate_advance(model, lm, tolerance) if advance_chunk else None
         valid_ids = _valid_ids(cfg.level, vocab, data_dir)
         metrics: dict[str, Any] = {}
         if valid_ids is not None:
@@ -265,6 +302,8 @@ def export_bundle(
         validation = {"tolerance": quant["validation"]["tolerance"] if quant else tolerance,
                       "max_abs_logprob_diff": report.max_logprob_diff, "max_abs_state_diff": report.max_state_diff,
                       "cases": report.cases, "against": "eval-mode PyTorch, float32 weights"}
+        if advance_report is not None:
+            validation["advance"] = {"max_abs_state_diff": advance_report.max_state_diff, "cases": advance_report.cases}
         stage({"probe": _probe(lm, vocab, probe_tol), "validation": validation, "metrics": metrics, "quantization": quant})
         del lm
         replace_dir(tmp, out_dir)

@@ -1,4 +1,4 @@
-"""The two torch modules that are traced to ONNX, with flat tensor inputs and outputs in the
+"""The torch modules that are traced to ONNX, with flat tensor inputs and outputs in the
 order that ``spec`` names them. Both run the model in eval mode, so no dropout remains."""
 
 from __future__ import annotations
@@ -65,3 +65,21 @@ class ScoreGraph(nn.Module):
         picked = logprobs.gather(1, targets.reshape(-1).index_select(0, rows).unsqueeze(1)).squeeze(1)  # (N,)
         out = torch.zeros(keep.numel(), dtype=picked.dtype, device=picked.device).index_copy(0, rows, picked)
         return (out.reshape(keep.shape), *flatten_state(state))  # (C, B)
+
+
+class AdvanceGraph(nn.Module):
+    """token_ids (C, B), lengths (B,), *state -> *next_state: the scoring graph's recurrence alone.
+
+    Reading a prompt needs only the state after it; the vocabulary projection and log-softmax
+    (about five times the recurrence's work at the default size) are left out. Sample b advances
+    lengths[b] steps and its state is frozen after that, exactly as in ``ScoreGraph``."""
+
+    def __init__(self, model: LanguageModel, chunk: int) -> None:
+        super().__init__()
+        self.model, self.chunk = model, chunk
+
+    def forward(self, token_ids: Tensor, lengths: Tensor, *flat_state: Tensor) -> tuple[Tensor, ...]:
+        steps = torch.arange(self.chunk, device=token_ids.device).unsqueeze(1)  # (C, 1)
+        keep = (steps < lengths.unsqueeze(0)).unsqueeze(-1)  # (C, B, 1)
+        _, state = self.model.hidden(token_ids, unflatten_state(self.model, flat_state), keep)
+        return tuple(flatten_state(state))

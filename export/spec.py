@@ -12,6 +12,12 @@ Scoring graph (exact scoring, ``chunk`` steps per call):
     Sequence b advances lengths[b] steps (0 <= lengths[b] <= chunk); its state is frozen after that,
     and target_logprobs[t, b] for t >= lengths[b] is padding (0). So a file of any length, or a
     batch of lines of different lengths, is scored exactly by full and partial chunks.
+
+Advance graph (reading a prompt, ``advance_chunk`` steps per call; optional, absent from older bundles):
+    token_ids int64 [chunk, batch], lengths int64 [batch], state...  ->  next_state...
+    The scoring graph's recurrence without the vocabulary projection: what reading tokens whose
+    log-probabilities nobody asked for needs (the state after them). Sequence b advances lengths[b]
+    steps, as in the scoring graph, so the two give the same state.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ DEFAULT_OPSET = 18
 DEFAULT_CHUNK = 32
 STEP_FILE, SCORE_FILE, VOCAB_FILE, MANIFEST_FILE = "step.onnx", "score.onnx", "vocab.txt", "manifest.json"
 BATCH, CHUNK, VOCAB = "batch", "chunk", "vocab"
+ADVANCE_FILE = "advance.onnx"
+DEFAULT_ADVANCE_CHUNK = 128  # measured: bench/RESULTS.md, "Reading prompts through the advance graph"
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,14 @@ def score_graph(states: list[StateSpec], chunk: int, file: str = SCORE_FILE) -> 
             *_states_in(states),
         ),
         (TensorSpec("target_logprobs", "float32", (chunk, BATCH)), *_states_out(states)),
+    )
+
+
+def advance_graph(states: list[StateSpec], chunk: int, file: str = ADVANCE_FILE) -> GraphSpec:
+    return GraphSpec(
+        file,
+        (TensorSpec("token_ids", "int64", (chunk, BATCH)), TensorSpec("lengths", "int64", (BATCH,)), *_states_in(states)),
+        _states_out(states),
     )
 
 

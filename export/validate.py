@@ -137,3 +137,34 @@ def validate(model: LanguageModel, lm: Runtime, tol: float = TOLERANCE, seed: in
         limit = f"{tol:g}" if state_tol is None else f"{tol:g} (states {state_tol:g})"
         raise ValidationError(f"{what} disagrees with PyTorch beyond {limit}: {rows}")
     return report
+
+
+def _advance_case(lm: Runtime, model: LanguageModel, rng: np.random.Generator, lengths: list[int]) -> dict[str, Any]:
+    """Columns of the given lengths read at once by the advance driver: each column's state must equal
+    eval-mode PyTorch's after the same tokens read alone."""
+    seq = rng.integers(0, model.cfg.vocab_size, size=(max(lengths), len(lengths)), dtype=np.int64)
+    got = lm._advance_ids(seq, np.asarray(lengths, np.int64)).arrays
+    names = [s["input"] for s in lm.states]
+    diff = 0.0
+    for b, n in enumerate(lengths):
+        _, ref_state = torch_reference(model, seq[:n, b : b + 1])
+        diff = max(diff, max(state_diff(got[k][b], r[0]) for k, r in zip(names, ref_state, strict=True)))
+    return {"graph": "advance", "batch": len(lengths), "length": "/".join(map(str, lengths)), "logprobs": 0.0,
+            "state": diff}
+
+
+def validate_advance(model: LanguageModel, lm: Runtime, tol: float = TOLERANCE, seed: int = 0) -> Report:
+    """Raise ValidationError unless the advance graph's state after N tokens equals PyTorch's, at
+    lengths around its chunk C (1, C-1, C, C+1, 2C+3), batch 1, and in one batch of different lengths."""
+    model.eval()
+    check_graph(lm.bundle.file("advance"))
+    C = lm.advance_chunk
+    lengths = sorted({1, max(C - 1, 1), C, C + 1, 2 * C + 3})
+    rng = np.random.default_rng(seed)
+    report = Report([_advance_case(lm, model, rng, [n]) for n in lengths])
+    report.cases.append(_advance_case(lm, model, rng, lengths[::-1]))
+    bad = report.failures(tol)
+    if bad:
+        rows = "; ".join(f"lengths {c['length']}: |Δstate| {c['state']:.2e}" for c in bad)
+        raise ValidationError(f"the advance graph disagrees with PyTorch beyond {tol:g}: {rows}")
+    return report

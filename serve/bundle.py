@@ -140,6 +140,12 @@ class Bundle:
         return int(self.manifest["graphs"]["score"]["chunk"])
 
     @property
+    def advance_chunk(self) -> int:
+        """Time steps per call of the advance graph (reading prompts); 0 for a bundle without one."""
+        advance = self.manifest["graphs"].get("advance")
+        return int(advance["chunk"]) if advance else 0
+
+    @property
     def vocab_size(self) -> int:
         return int(self.manifest["vocab"]["size"])
 

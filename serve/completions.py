@@ -235,9 +235,11 @@ def run(lm: LanguageModel, prompts: Sequence[Prompt], args: Sampling,
     for p_index, prompt in enumerate(prompts):
         choices = [Choice(p_index * args.n + j, prompt.text, args.stop, args.logprobs is not None)
                    for j in range(args.n)]
-        lp, ctx = lm.feed(lm.context(), prompt.ids, cancelled=cancelled)
-        if args.echo:
+        if args.echo:  # the prompt's own log-probabilities are returned: the scoring graph
+            lp, ctx = lm.feed(lm.context(), prompt.ids, cancelled=cancelled)
             yield from _echo(lm, prompt, lp, ctx, choices, args, cancelled)
+        else:  # only the state after it is needed: the advance graph, where the bundle has one
+            ctx = lm.advance(lm.context(), prompt.ids, cancelled=cancelled)
         for c in choices:
             c.echo_offset = len(prompt.text) if args.echo else 0
         if args.max_tokens > 0:

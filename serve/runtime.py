@@ -22,6 +22,7 @@ from rnnlm.errors import RnnlmError
 from rnnlm.text import Token, Tokenizer, check_text
 
 MAX_NEW_TOKENS = 10_000  # the cap on one generate call
+ADVANCE_THREADS = 1  # intra-op threads of the advance graph's session (see LanguageModel.__init__)
 DTYPES = {"int64": "tensor(int64)", "float32": "tensor(float)"}
 
 
@@ -152,6 +153,23 @@ def providers_for(device: str) -> list[str]:
     return [CPU]
 
 
+def _session_options(threads: int) -> ort.SessionOptions:
+    """The onnxruntime options of every session, with ``threads`` intra-op threads."""
+    opts = ort.SessionOptions()
+    # Measured (bench/RESULTS.md): the unrolled scoring graph has thousands of small nodes, and
+    # onnxruntime's memory-reuse planner takes seconds over them while saving no run time; basic
+    # graph optimisations run as fast here as the extended ones and load faster.
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.enable_mem_reuse = False
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 4  # a CUDA provider that cannot start is reported in one line, not ORT's log
+    opts.inter_op_num_threads = 1
+    # Deliberate: one intra-op thread per core; the recurrent step is small, so more threads than
+    # cores only adds synchronisation.
+    opts.intra_op_num_threads = threads
+    return opts
+
+
 class LanguageModel:
     """A bundle loaded into onnxruntime. Build it with ``LanguageModel.load(path)``."""
 
@@ -166,20 +184,15 @@ class LanguageModel:
         self.tokenizer = Tokenizer(spec.raw() if raw else spec, vocabulary)
         self.eos_id = self.tokenizer.eos_id
         self.chunk = bundle.chunk
+        # The advance graph (bundles exported since it exists): its session is created on the first
+        # prompt of at least one advance chunk, never at load, so cold start does not pay for it.
+        self.advance_chunk = bundle.advance_chunk
         self.states = m["state"]
-        opts = ort.SessionOptions()
-        # Measured (bench/RESULTS.md): the unrolled scoring graph has thousands of small nodes, and
-        # onnxruntime's memory-reuse planner takes seconds over them while saving no run time; basic
-        # graph optimisations run as fast here as the extended ones and load faster.
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        opts.enable_mem_reuse = False
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.log_severity_level = 4  # a CUDA provider that cannot start is reported in one line, not ORT's log
-        opts.inter_op_num_threads = 1
-        # Deliberate: one intra-op thread per core; the recurrent step is small, so more threads than
-        # cores only adds synchronisation.
-        opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
-        self._options = opts
+        self._options = _session_options(threads or (os.cpu_count() or 1))
+        # Reading one prompt is a chain of batch-1 steps, each too small to split across cores: the
+        # advance graph runs on one thread (measured: bench/RESULTS.md, "Reading prompts through the
+        # advance graph"), which also leaves the other cores to the server and to other requests.
+        self.advance_threads = ADVANCE_THREADS
         self.providers = providers_for(device)
         self._sessions: dict[str, ort.InferenceSession] = {}
         # On CUDA, generation keeps the recurrent state on the device between steps (IOBinding);
@@ -209,13 +222,14 @@ class LanguageModel:
         return "cuda" if "CUDAExecutionProvider" in sess.get_providers() else "cpu"
 
     def session(self, key: str) -> ort.InferenceSession:
-        """The onnxruntime session of graph ``key`` ("step" or "score"), created and checked once:
+        """The onnxruntime session of graph ``key`` ("step", "score" or "advance"), created and checked once:
         its inputs and outputs against the manifest, then the manifest's probe."""
         if key not in self._sessions:
             path = self.bundle.file(key)
             data = self.bundle.verified_bytes(path.name)  # the bytes that were hashed are the bytes that run
             try:
-                sess = ort.InferenceSession(data, self._options, providers=self.providers)
+                opts = self._options if key != "advance" else _session_options(self.advance_threads)
+                sess = ort.InferenceSession(data, opts, providers=self.providers)
             except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf types
                 raise BundleError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})") from None
             self._check_io(key, sess)
@@ -267,6 +281,9 @@ class LanguageModel:
         if not probe["tokens"]:  # a bundle the exporter is still staging: its probe is computed through this runtime
             return
         seq = np.array(probe["tokens"], np.int64)
+        if key == "advance":
+            self._check_advance(seq[:-1], probe["tolerance"])
+            return
         if key == "score":
             picked = self._score_ids(seq[:-1][:, None], seq[1:][:, None], np.array([len(seq) - 1]))[0][:, 0]
             diff = float(np.abs(picked - np.array(probe["target_logprobs"])).max())
@@ -278,6 +295,16 @@ class LanguageModel:
         if diff > probe["tolerance"]:
             raise BundleError(f"{self.bundle.file(key)}: the probe's outputs differ from the manifest's by {diff:.2e} "
                               f"(> {probe['tolerance']:g}) on {self.device}")
+
+    def _check_advance(self, seq: np.ndarray, tolerance: float) -> None:
+        """The advance graph must reach the scoring graph's state after the probe's tokens."""
+        lengths = np.array([len(seq)])
+        want = self._score_ids(seq[:, None], seq[:, None], lengths)[1].arrays
+        got = self._advance_ids(seq[:, None], lengths).arrays
+        diff = max(float(np.abs(got[k] - want[k]).max()) for k in want)
+        if diff > tolerance:
+            raise BundleError(f"{self.bundle.file('advance')}: its state after the probe differs from the scoring "
+                              f"graph's by {diff:.2e} (> {tolerance:g}) on {self.device}")
 
     # ------------------------------------------------------------------ state API
     def initial_state(self, batch: int = 1) -> State:
@@ -302,16 +329,31 @@ class LanguageModel:
     # ------------------------------------------------------------------ scoring
     def _score_ids(self, inputs: np.ndarray, targets: np.ndarray, lengths: np.ndarray,
                    state: State | None = None, cancelled: Callable[[], bool] | None = None) -> tuple[np.ndarray, State]:
-        """(L, B) inputs/targets, per-column lengths -> target log-probabilities (L, B) and final state.
+        """(L, B) inputs/targets, per-column lengths -> target log-probabilities (L, B) and final state,
+        through the scoring graph (``_run_chunks``)."""
+        picked, state = self._run_chunks("score", self.chunk, inputs, targets, lengths, state, cancelled)
+        assert picked is not None
+        return picked, state
 
-        Each call of the scoring graph computes all C positions of every column it gets, so a
-        chunk after the first gets only the columns that have not ended yet (a batch of sentences
-        where a few are long pays for the long ones alone); the others keep their final state."""
+    def _advance_ids(self, inputs: np.ndarray, lengths: np.ndarray, state: State | None = None,
+                     cancelled: Callable[[], bool] | None = None) -> State:
+        """(L, B) inputs, per-column lengths -> the state after them, through the advance graph
+        (the recurrence without the vocabulary projection). The bundle must have one."""
+        return self._run_chunks("advance", self.advance_chunk, inputs, None, lengths, state, cancelled)[1]
+
+    def _run_chunks(self, key: str, C: int, inputs: np.ndarray, targets: np.ndarray | None, lengths: np.ndarray,
+                    state: State | None, cancelled: Callable[[], bool] | None) -> tuple[np.ndarray | None, State]:
+        """The one chunk driver over the chunked graphs ("score", "advance"): (L, B) inputs (and
+        targets for "score"), per-column lengths -> target log-probabilities (L, B) (None without
+        targets) and the final state, ``C`` positions per call.
+
+        Each call computes all C positions of every column it gets, so a chunk after the first gets
+        only the columns that have not ended yet (a batch of sentences where a few are long pays for
+        the long ones alone); the others keep their final state."""
         L, B = inputs.shape
-        C = self.chunk
         arrays = dict((state or self.initial_state(B)).arrays)
-        out = np.zeros((L, B), np.float32)
-        sess = self.session("score")
+        out = np.zeros((L, B), np.float32) if targets is not None else None
+        sess = self.session(key)
         for start in range(0, max(L, 1), C):
             if cancelled is not None and cancelled():
                 raise Cancelled("the request was cancelled")
@@ -320,18 +362,18 @@ class LanguageModel:
                 break
             every = len(cols) == B
             n = min(C, L - start)
-            x = np.zeros((C, len(cols)), np.int64)
-            y = np.zeros((C, len(cols)), np.int64)
-            x[:n] = inputs[start : start + n] if every else inputs[start : start + n, cols]
-            y[:n] = targets[start : start + n] if every else targets[start : start + n, cols]
-            feed = arrays if every else {k: v[cols] for k, v in arrays.items()}
-            picked, *new = sess.run(None, {"token_ids": x, "targets": y,
-                                           "lengths": np.clip(lengths[cols] - start, 0, C).astype(np.int64), **feed})
+            feed = {"token_ids": _window(inputs, start, n, C, None if every else cols),
+                    "lengths": np.clip(lengths[cols] - start, 0, C).astype(np.int64),
+                    **(arrays if every else {k: v[cols] for k, v in arrays.items()})}
+            if targets is not None:
+                feed["targets"] = _window(targets, start, n, C, None if every else cols)
+            results = sess.run(None, feed)
+            new = results[1:] if out is not None else results
+            if out is not None:
+                out[start : start + n, cols] = results[0][:n]
             if every:
-                out[start : start + n] = picked[:n]
                 arrays = {s["input"]: v for s, v in zip(self.states, new, strict=True)}
             else:
-                out[start : start + n, cols] = picked[:n]
                 for s, v in zip(self.states, new, strict=True):
                     arrays[s["input"]] = arrays[s["input"]].copy()
                     arrays[s["input"]][cols] = v
@@ -504,6 +546,19 @@ class LanguageModel:
         picked, state = self._score_ids(inputs[:, None], arr[:, None], np.array([len(arr)]), ctx.state, cancelled)
         return picked[:, 0].astype(np.float64), Context(state, int(arr[-1]), ctx.tokens + len(arr))
 
+    def advance(self, ctx: Context, ids: Sequence[int], *, cancelled: Callable[[], bool] | None = None) -> Context:
+        """Read ``ids`` after ``ctx`` when their log-probabilities are not wanted (a prompt): the
+        context after them, as ``feed`` gives it; ``ctx`` is unchanged. A prompt of at least one
+        advance chunk goes through the advance graph (no vocabulary projection: several times
+        faster); a shorter one, or any with a bundle exported without that graph, through ``feed``.
+        The choice depends on the length alone, so a request's answer does not depend on others."""
+        if not self.advance_chunk or len(ids) < self.advance_chunk:
+            return self.feed(ctx, ids, cancelled=cancelled)[1]
+        arr = np.asarray(ids, np.int64)
+        inputs = np.concatenate([[ctx.last], arr[:-1]])  # each id is read after the one before
+        state = self._advance_ids(inputs[:, None], np.array([len(arr)]), ctx.state, cancelled)
+        return Context(state, int(arr[-1]), ctx.tokens + len(arr))
+
     def score_context(self, ctx: Context, text: str, *, per_token: bool = False,
                       cancelled: Callable[[], bool] | None = None) -> tuple[ScoreResult, Context]:
         """Score ``text`` as the continuation of ``ctx`` (``prompt_tokens``): its result and the
@@ -596,12 +651,13 @@ class LanguageModel:
                      stop_at_eos: bool = True, cancelled: Callable[[], bool] | None = None) -> Iterator[np.ndarray]:
         """Yield the next token id of each sample, (num_samples,), one step at a time.
 
-        The prompt (``prompt_tokens``: a line that ends in "\n" ends in ``<eos>``) is read through
-        the scoring graph a chunk at a time, then sampling runs on the step graph. ``cancelled`` is
+        The prompt (``prompt_tokens``: a line that ends in "\n" ends in ``<eos>``) is read by
+        ``advance`` (the advance graph for a long prompt, else the scoring graph, a chunk at a time),
+        then sampling runs on the step graph. ``cancelled`` is
         polled between calls, the prompt's included; True stops with ``Cancelled``."""
         self.check_generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             num_samples=num_samples, seed=seed)
-        _, ctx = self.feed(self.context(), [t.id for t in self.prompt_tokens(prompt)], cancelled=cancelled)
+        ctx = self.advance(self.context(), [t.id for t in self.prompt_tokens(prompt)], cancelled=cancelled)
         for ids, _ in self.sample_from(ctx, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                        top_p=top_p, seed=seed, num_samples=num_samples, stop_at_eos=stop_at_eos,
                                        cancelled=cancelled):
@@ -712,3 +768,10 @@ def _state_digest(exported: dict[str, Any], data: bytes) -> str:
     head = json.dumps([exported.get("bundle_sha256"), exported.get("tokens"), exported.get("last_token"),
                        exported.get("shapes")], sort_keys=True)
     return hashlib.sha256(head.encode() + b"\0" + data).hexdigest()
+
+
+def _window(a: np.ndarray, start: int, n: int, C: int, cols: np.ndarray | None) -> np.ndarray:
+    """Rows start..start+n of ``a`` (L, B) (of columns ``cols``; all when None), zero-padded to C rows."""
+    x = np.zeros((C, a.shape[1] if cols is None else len(cols)), np.int64)
+    x[:n] = a[start : start + n] if cols is None else a[start : start + n, cols]
+    return x

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 CHUNK = 8  # time steps per scoring-graph call: small, so short texts already cross chunk boundaries
+ADVANCE_CHUNK = 16  # time steps per advance-graph call (reading prompts): small, for the same reason
 
 WORDS = ["the", "stock", "market", "fell", "rose", "shares", "of", "a", "in", "to", "and", "company", "said", "it", "was", "for", "on", "is", "that", "by", "with", "from", "at", "as", "new", "year", "prices", "investors", "traders", "bank", "rates", "bonds", "week", "sales", "profit", "quarter", "analysts", "billion", "million", "percent"]
 TOKENS = [*WORDS, "N", "<unk>", "<eos>"]  # "N" is PTB's number token
@@ -82,6 +83,7 @@ def export(checkpoint: Path, out: Path, **kw: Any) -> dict[str, Any]:
     from rnnlm.export import export_bundle
 
     kw.setdefault("chunk", CHUNK)
+    kw.setdefault("advance_chunk", ADVANCE_CHUNK)
     if "data_dir" not in kw:  # not setdefault: that would create the directory even when one is given
         kw["data_dir"] = no_data_dir(out.parent)
     return export_bundle(checkpoint, out=out, **kw)

@@ -931,9 +931,11 @@ class _SlowSession:
 
 
 def test_generate_timeout_stops_a_long_prompt(lm: LanguageModel, monkeypatch: pytest.MonkeyPatch) -> None:
-    # A prompt is read through the scoring graph a chunk at a time: 1,500 words = 188 calls, 3.8 s here.
+    # A prompt is read through the scoring graph a chunk at a time: 1,500 words = 188 calls, 3.8 s here;
+    # one this long goes through the advance graph (tests/test_advance.py): 94 calls, 1.9 s.
     calls = [0]
     monkeypatch.setitem(lm._sessions, "score", _SlowSession(lm.session("score"), 0.02, calls))
+    monkeypatch.setitem(lm._sessions, "advance", _SlowSession(lm.session("advance"), 0.02, calls))
     with serve(lm, timeout=0.2) as client:
         assert_error(client.post("/v1/generate", json={"prompt": "the " * 1500, "max_tokens": 5}), 504)
         stats = scheduler_of(client).stats
