@@ -7,16 +7,26 @@ bpc = nll / (tokens · ln 2) for character models. Every line ends in ``<eos>``,
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 from rnnlm.serve.bundle import Bundle, BundleError
+from rnnlm.serve.devices import CPU as CPU
+from rnnlm.serve.devices import CUDA as CUDA
+from rnnlm.serve.devices import cuda_unavailable as cuda_unavailable
+from rnnlm.serve.devices import gpu_present as gpu_present
+from rnnlm.serve.devices import providers_for as providers_for
+from rnnlm.serve.values import STATE_FORMAT as STATE_FORMAT
+from rnnlm.serve.values import Cancelled as Cancelled
+from rnnlm.serve.values import Context as Context
+from rnnlm.serve.values import ScoreResult as ScoreResult
+from rnnlm.serve.values import State as State
+from rnnlm.serve.values import StateError as StateError
+from rnnlm.serve.values import _state_digest
 
 from rnnlm.errors import RnnlmError
 from rnnlm.text import Token, Tokenizer, check_text
@@ -24,133 +34,6 @@ from rnnlm.text import Token, Tokenizer, check_text
 MAX_NEW_TOKENS = 10_000  # the cap on one generate call
 ADVANCE_THREADS = 1  # intra-op threads of the advance graph's session (see LanguageModel.__init__)
 DTYPES = {"int64": "tensor(int64)", "float32": "tensor(float)"}
-
-
-class Cancelled(RnnlmError):
-    """Work stopped because its caller gave up on it (a timeout, a closed connection)."""
-
-
-@dataclass
-class State:
-    """The recurrent state of ``batch`` sequences: one float32 array (batch, size) per state input.
-
-    Opaque to callers; pass it back to ``step``. ``copy()`` (or ``fork()``) to branch a sequence."""
-
-    arrays: dict[str, np.ndarray]
-
-    @property
-    def batch(self) -> int:
-        return next(iter(self.arrays.values())).shape[0]
-
-    def copy(self) -> State:
-        return State({k: v.copy() for k, v in self.arrays.items()})
-
-    fork = copy
-
-    @property
-    def nbytes(self) -> int:
-        return sum(v.nbytes for v in self.arrays.values())
-
-    def repeat(self, n: int) -> State:
-        """A batch-1 state copied into ``n`` rows (``n`` samples that share a prompt)."""
-        return State({k: np.repeat(v, n, axis=0) for k, v in self.arrays.items()})
-
-    def to_bytes(self) -> bytes:
-        """The arrays as little-endian float32, one after the other in the manifest's order."""
-        return b"".join(np.ascontiguousarray(v, "<f4").tobytes() for v in self.arrays.values())
-
-
-class StateError(RnnlmError):
-    """An exported state that this model cannot take: another bundle's, altered, truncated, not finite."""
-
-
-STATE_FORMAT = "rnnlm-state"
-
-
-@dataclass
-class Context:
-    """Where a text stands: the recurrent state after every token but the last, and that last token
-    (``last``), which the next call feeds first, as ``score_tokens`` carries a text across blocks.
-    So text scored in any number of pieces gets exactly the log-probabilities of the whole.
-
-    A new context is ``lm.context()`` (nothing read: the state is zero and ``last`` is ``<eos>``,
-    so the first token is predicted from ``<eos>``, as in ``rnnlm score``). ``tokens`` counts what
-    it has read. ``fork()`` branches it; ``lm.export_context`` / ``lm.import_context`` carry it
-    elsewhere (another process or server with the same bundle)."""
-
-    state: State
-    last: int
-    tokens: int = 0
-
-    def fork(self) -> Context:
-        return Context(self.state.copy(), self.last, self.tokens)
-
-
-@dataclass
-class ScoreResult:
-    tokens: int  # scored tokens, <eos> included
-    oov: int  # of them, out of vocabulary (scored as <unk>)
-    nll: float  # nats, summed over all tokens
-    nll_in_vocab: float  # nats, summed over in-vocabulary tokens
-    level: str = "word"
-    per_token: list[tuple[str, float, bool]] | None = field(default=None, repr=False)
-
-    @property
-    def ppl(self) -> float:
-        return math.exp(self.nll / self.tokens) if self.tokens else float("nan")
-
-    @property
-    def ppl_in_vocab(self) -> float:
-        n = self.tokens - self.oov
-        return math.exp(self.nll_in_vocab / n) if n else float("nan")
-
-    @property
-    def bpc(self) -> float:
-        return self.nll / (self.tokens * math.log(2)) if self.tokens else float("nan")
-
-    def plus(self, other: ScoreResult) -> ScoreResult:
-        """The total of both texts scored one after the other: counts and nats add up (per-token
-        lists are not carried). The one place totals are formed."""
-        return ScoreResult(self.tokens + other.tokens, self.oov + other.oov, self.nll + other.nll,
-                           self.nll_in_vocab + other.nll_in_vocab, self.level)
-
-    def as_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"tokens": self.tokens, "oov": self.oov, "nll": self.nll, "ppl": self.ppl,
-                             "ppl_excluding_oov": self.ppl_in_vocab}
-        if self.level == "char":
-            d["bpc"] = self.bpc
-        return d
-
-
-CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
-
-
-def gpu_present() -> bool:
-    return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/dxg")
-
-
-def cuda_unavailable() -> str | None:
-    """Why onnxruntime cannot run on a GPU here, or None when it can try."""
-    if not gpu_present():
-        return "no NVIDIA GPU on this machine"
-    if CUDA not in ort.get_available_providers():
-        return "this onnxruntime has no CUDA provider (pip install onnxruntime-gpu)"
-    return None
-
-
-def providers_for(device: str) -> list[str]:
-    """onnxruntime providers for ``device``: ``cuda`` that cannot be had is refused (exit 2);
-    ``auto`` takes the GPU when there is one."""
-    if device == "cpu":
-        return [CPU]
-    if device not in ("auto", "cuda"):
-        raise RnnlmError(f"--device must be auto, cpu or cuda, not {device!r}")
-    reason = cuda_unavailable()
-    if reason is None:
-        return [CUDA, CPU]
-    if device == "cuda":
-        raise RnnlmError(f"--device cuda: {reason}; use --device cpu or auto")
-    return [CPU]
 
 
 def _session_options(threads: int) -> ort.SessionOptions:
@@ -757,17 +640,6 @@ class BoundStepper:
         outputs = binding.get_outputs()
         self.states = list(outputs[1:])
         return outputs[0].numpy()
-
-
-
-def _state_digest(exported: dict[str, Any], data: bytes) -> str:
-    """sha256 over what an exported state says: the bundle, the counts, the shapes and the bytes."""
-    import hashlib
-    import json
-
-    head = json.dumps([exported.get("bundle_sha256"), exported.get("tokens"), exported.get("last_token"),
-                       exported.get("shapes")], sort_keys=True)
-    return hashlib.sha256(head.encode() + b"\0" + data).hexdigest()
 
 
 def _window(a: np.ndarray, start: int, n: int, C: int, cols: np.ndarray | None) -> np.ndarray:

@@ -509,3 +509,17 @@ def test_iobinding_generation_equals_the_plain_path(lstm_bundle: Path) -> None:
     lm.bind_state = True
     bound = lm.generate("the stock", max_new_tokens=25, temperature=1.0, seed=3, num_samples=2, stop_at_eos=False)
     assert bound == plain and len(plain) == 2
+
+
+@pytest.mark.skipif(__import__("rnnlm.serve.devices", fromlist=["x"]).cuda_unavailable() is None,
+                    reason="this machine can run CUDA: the refusal is for machines that cannot")
+@pytest.mark.parametrize("command", ["score", "generate"])
+def test_cli_device_cuda_without_a_gpu_is_one_line_and_exit_2(lstm_bundle: Path, tmp_path: Path, command: str) -> None:
+    f = tmp_path / "t.txt"
+    f.write_text("the stock market fell\n", encoding="utf-8")
+    args = [str(f)] if command == "score" else ["--prompt", "the", "--max-tokens", "2"]
+    code, out, err = cli(command, *args, "--model", str(lstm_bundle), "--device", "cuda")
+    assert_one_error_line(code, err, "--device cuda")
+    assert out == ""
+    code, out, err = cli(command, *args, "--model", str(lstm_bundle), "--device", "auto")
+    assert code == 0 and err == ""  # auto runs on the CPU without a word where there is no GPU at all
