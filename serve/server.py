@@ -24,6 +24,7 @@ scheduler.py; uvicorn and the drain: daemon.py.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import json
 import logging
@@ -361,8 +362,7 @@ def _score_reply(lm: LanguageModel, body: ScoreRequest, results: list[ScoreResul
 
 
 def _total(results: list[ScoreResult], level: str) -> ScoreResult:
-    return ScoreResult(sum(r.tokens for r in results), sum(r.oov for r in results), sum(r.nll for r in results),
-                       sum(r.nll_in_vocab for r in results), level)
+    return functools.reduce(ScoreResult.plus, results, ScoreResult(0, 0, 0.0, 0.0, level))
 
 
 async def _collect(steps: AsyncIterator[Any]) -> list[Any]:
