@@ -39,12 +39,7 @@ def gemm_to_matmul(model: onnx.ModelProto) -> int:
         if has_bias:
             nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}.Add"))
         rewritten += 1
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {name for n in graph.node for name in n.input}
-    keep = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    replace_nodes(graph, nodes)
     return rewritten
 
 
@@ -125,3 +120,13 @@ def _ranks(graph: onnx.GraphProto) -> dict[str, int]:
         if v.type.tensor_type.HasField("shape"):
             out[v.name] = len(v.type.tensor_type.shape.dim)
     return out
+
+
+def replace_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
+    """Make ``nodes`` the graph's nodes and drop the initializers that nothing reads any more."""
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for n in graph.node for name in n.input}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)

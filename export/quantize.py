@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+from rnnlm.export.passes import replace_nodes
 
 MIN_ELEMENTS = 65_536  # 256 KB of float32: below this a product is too small to be worth it
 MIN_GAIN = 1.10  # a quantized form must be at least this much faster than fp32 to be chosen
@@ -260,12 +261,7 @@ def apply_forms(model: onnx.ModelProto, forms: dict[str, str]) -> int:
                 graph.initializer.append(t)
                 added.add(t.name)
         rewritten += 1
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {name for n in graph.node for name in n.input}
-    keep = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    replace_nodes(graph, nodes)
     if rewritten and not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return rewritten
