@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 import torch
-from rnnlm.export import quantize, spec
+from rnnlm.export import quantize, recurrence, spec
 from rnnlm.export.graphs import AdvanceGraph, ScoreGraph, StepGraph, state_layout
 from rnnlm.export.passes import drop_weight_identities, gemm_to_matmul, share_tied_weights
 from rnnlm.export.validate import TOLERANCE, Report, ValidationError, run_score, run_step, validate
@@ -66,12 +66,15 @@ def _save(model: onnx.ModelProto, path: Path) -> None:
 def _trace(module: torch.nn.Module, args: tuple[torch.Tensor, ...], graph: spec.GraphSpec, path: Path, opset: int) -> onnx.ModelProto:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        # The TorchScript tracer: it unrolls the Python time loop into a fixed-length graph, names
-        # every input and output, and keeps weights inside the file (no external data).
+        # The TorchScript tracer names every input and output and keeps weights inside the file (no
+        # external data); the scoring and advance graphs' time loops are traced as one placeholder node per
+        # layer, which ``recurrence.lower`` replaces by a Scan over the step (or ONNX's LSTM operator).
         torch.onnx.export(module, args, str(path), input_names=graph.input_names, output_names=graph.output_names,
                           dynamic_axes=graph.dynamic_axes(), opset_version=opset, dynamo=False,
-                          external_data=False, do_constant_folding=True)
+                          external_data=False, do_constant_folding=True,
+                          custom_opsets=None if isinstance(module, StepGraph) else {recurrence.DOMAIN: 1})
     model = onnx.load(str(path))
+    recurrence.lower(model, list(module.model.layers), opset)  # each layer's time loop: one Scan or LSTM node
     gemm_to_matmul(model)
     drop_weight_identities(model)
     _save_shared(model, path)

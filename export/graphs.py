@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from rnnlm.export.recurrence import placeholder_sequence
 from rnnlm.export.spec import StateSpec
 from torch import Tensor, nn
 
@@ -58,7 +59,8 @@ class ScoreGraph(nn.Module):
     def forward(self, token_ids: Tensor, targets: Tensor, lengths: Tensor, *flat_state: Tensor) -> tuple[Tensor, ...]:
         steps = torch.arange(self.chunk, device=token_ids.device).unsqueeze(1)  # (C, 1)
         keep = steps < lengths.unsqueeze(0)  # (C, B)
-        hidden, state = self.model.hidden(token_ids, unflatten_state(self.model, flat_state), keep.unsqueeze(-1))
+        hidden, state = self.model.hidden(token_ids, unflatten_state(self.model, flat_state), keep.unsqueeze(-1),
+                                          sequence=placeholder_sequence)
         rows = keep.reshape(-1).nonzero().squeeze(1)  # (N,): the positions that hold a token, of C * B
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)  # (N, H)
         logprobs = F.log_softmax(self.model.decoder(h), dim=-1)  # (N, V)
@@ -81,5 +83,5 @@ class AdvanceGraph(nn.Module):
     def forward(self, token_ids: Tensor, lengths: Tensor, *flat_state: Tensor) -> tuple[Tensor, ...]:
         steps = torch.arange(self.chunk, device=token_ids.device).unsqueeze(1)  # (C, 1)
         keep = (steps < lengths.unsqueeze(0)).unsqueeze(-1)  # (C, B, 1)
-        _, state = self.model.hidden(token_ids, unflatten_state(self.model, flat_state), keep)
+        _, state = self.model.hidden(token_ids, unflatten_state(self.model, flat_state), keep, sequence=placeholder_sequence)
         return tuple(flatten_state(state))

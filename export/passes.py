@@ -14,9 +14,37 @@ import onnx
 from onnx import helper, numpy_helper
 
 
+def graphs_of(model: onnx.ModelProto) -> list[onnx.GraphProto]:
+    """The main graph and every subgraph in it (the Scan bodies of ``export.recurrence``), outermost first.
+
+    A pass that rewrites nodes runs over them innermost first (``reversed``): rewriting a graph's node
+    list copies its nodes, so a body taken from the old list would be rewritten in a detached copy."""
+    out = [model.graph]
+    for graph in out:  # grows as it goes: bodies of bodies too
+        out.extend(subgraphs(graph))
+    return out
+
+
+def subgraphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """The graphs held in ``graph``'s nodes' attributes (one level down)."""
+    return [g for n in graph.node for a in n.attribute
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs))]
+
+
+def reads(graph: onnx.GraphProto) -> set[str]:
+    """Every name ``graph``'s nodes read, their subgraphs' reads included (a body may read an outer name)."""
+    names = {x for n in graph.node for x in n.input}
+    for g in subgraphs(graph):
+        names |= reads(g)
+    return names
+
+
 def gemm_to_matmul(model: onnx.ModelProto) -> int:
-    """Rewrite Gemm nodes with a constant B in place; returns how many were rewritten."""
-    graph = model.graph
+    """Rewrite Gemm nodes with a constant B in place, in every graph; returns how many were rewritten."""
+    return sum(_gemm_to_matmul(graph) for graph in reversed(graphs_of(model)))
+
+
+def _gemm_to_matmul(graph: onnx.GraphProto) -> int:
     inits = {i.name: i for i in graph.initializer}
     transposed: dict[str, str] = {}
     nodes, rewritten = [], 0
@@ -44,10 +72,13 @@ def gemm_to_matmul(model: onnx.ModelProto) -> int:
 
 
 def drop_weight_identities(model: onnx.ModelProto) -> int:
-    """Remove Identity nodes that only alias an initializer (the tracer writes one per unrolled step for
-    a weight used at every step), pointing their consumers at the initializer itself. Quantization
-    then sees one weight with all its uses. Returns how many were removed."""
-    graph = model.graph
+    """Remove Identity nodes that only alias an initializer (the tracer writes one for a weight used more
+    than once), pointing their consumers at the initializer itself, in every graph. Quantization then
+    sees one weight with all its uses. Returns how many were removed."""
+    return sum(_drop_weight_identities(graph) for graph in reversed(graphs_of(model)))
+
+
+def _drop_weight_identities(graph: onnx.GraphProto) -> int:
     inits = {i.name for i in graph.initializer}
     outputs = {o.name for o in graph.output}
     alias = {n.output[0]: n.input[0] for n in graph.node
@@ -90,7 +121,7 @@ def share_tied_weights(model: onnx.ModelProto) -> int:
         if add is not None:  # Gemm adds the bias as it writes the logits: no second pass over them
             graph.node.remove(add)
         rewritten += 1
-    used = {name for n in graph.node for name in n.input}
+    used = reads(graph)
     keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
@@ -126,7 +157,7 @@ def replace_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
     """Make ``nodes`` the graph's nodes and drop the initializers that nothing reads any more."""
     del graph.node[:]
     graph.node.extend(nodes)
-    used = {name for n in graph.node for name in n.input}
+    used = reads(graph)
     keep = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-from rnnlm.export.passes import replace_nodes
+from rnnlm.export.passes import graphs_of, replace_nodes
 
 MIN_ELEMENTS = 65_536  # 256 KB of float32: below this a product is too small to be worth it
 MIN_GAIN = 1.10  # a quantized form must be at least this much faster than fp32 to be chosen
@@ -58,18 +58,25 @@ class Product:
 
 
 def find_products(model: onnx.ModelProto, graph: str, chunk: int) -> list[Product]:
-    """The large constant-weight MatMuls of ``model``; rows per call at batch 1 from how often W is used
-    (the scoring graph uses a per-step weight ``chunk`` times, a hoisted one once over all steps)."""
-    inits = {i.name: i for i in model.graph.initializer}
-    uses = Counter(n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits)
+    """The large constant-weight MatMuls of ``model`` and of its Scan bodies; rows per call at batch 1 from
+    where W is used: in a Scan body (one step of the recurrence) or the step graph, 1 row; in the scoring
+    graph's own nodes (hoisted over a whole chunk: the input projections and the decoder), ``chunk``."""
     out = []
-    for name, count in uses.items():
-        dims = list(inits[name].dims)
-        if len(dims) != 2 or dims[0] * dims[1] < MIN_ELEMENTS or inits[name].data_type != onnx.TensorProto.FLOAT:
-            continue
-        rows = chunk if graph == "score" and count == 1 else 1
-        out.append(Product(graph, name, int(dims[0]), int(dims[1]), count, rows))
+    for depth, g in enumerate(graphs_of(model)):  # the main graph first
+        inits = {i.name: i for i in g.initializer}
+        uses = Counter(n.input[1] for n in g.node if n.op_type == "MatMul" and n.input[1] in inits)
+        for name, count in uses.items():
+            dims = list(inits[name].dims)
+            if len(dims) != 2 or dims[0] * dims[1] < MIN_ELEMENTS or inits[name].data_type != onnx.TensorProto.FLOAT:
+                continue
+            rows = chunk if graph == "score" and depth == 0 else 1
+            out.append(Product(graph, name, int(dims[0]), int(dims[1]), count, rows))
     return sorted(out, key=lambda p: -p.k * p.n)
+
+
+def weights(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Every initializer of ``model`` and of its Scan bodies, by name (body names are prefixed: unique)."""
+    return {i.name: i for g in graphs_of(model) for i in g.initializer}
 
 
 # ------------------------------------------------------------------------------ the forms
@@ -225,12 +232,18 @@ _time_form_default = time_form
 
 
 def apply_forms(model: onnx.ModelProto, forms: dict[str, str]) -> int:
-    """Rewrite every MatMul whose weight has a quantized form in ``forms`` (weight name -> form), in place.
-    A bias Add that follows (a 1-D initializer of N values) is folded into the quantized node, which
-    adds it as it writes its output: the decoder's logits are then written once, not read back and
-    rewritten ([rows, 10,000] floats, measured 23 % of batched scoring). Returns the number of products
-    rewritten; float32 weights no node uses any more are dropped."""
-    graph = model.graph
+    """Rewrite every MatMul whose weight has a quantized form in ``forms`` (weight name -> form), in place,
+    in the main graph and its Scan bodies. A bias Add that follows (a 1-D initializer of N values) is
+    folded into the quantized node, which adds it as it writes its output: the decoder's logits are then
+    written once, not read back and rewritten ([rows, 10,000] floats, measured 23 % of batched scoring).
+    Returns the number of products rewritten; float32 weights no node uses any more are dropped."""
+    rewritten = sum(_apply_forms(graph, forms) for graph in reversed(graphs_of(model)))  # innermost first
+    if rewritten and not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return rewritten
+
+
+def _apply_forms(graph: onnx.GraphProto, forms: dict[str, str]) -> int:
     inits = {i.name: i for i in graph.initializer}
     arrays: dict[str, np.ndarray] = {}
     added: set[str] = set()
@@ -262,8 +275,6 @@ def apply_forms(model: onnx.ModelProto, forms: dict[str, str]) -> int:
                 added.add(t.name)
         rewritten += 1
     replace_nodes(graph, nodes)
-    if rewritten and not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return rewritten
 
 
@@ -293,7 +304,7 @@ def plan(models: dict[str, onnx.ModelProto], chunk: int, threads: int, forms: li
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for graph, model in models.items():
-            inits = {i.name: i for i in model.graph.initializer}
+            inits = weights(model)
             for p in find_products(model, graph, chunk):
                 rows.append(choose(p, numpy_helper.to_array(inits[p.weight]), threads, forms))
     return rows

@@ -10,6 +10,7 @@ is what export traces and generation uses. The state is a tuple with one NamedTu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -53,14 +54,17 @@ class LanguageModel(nn.Module):
             layer.reset_dropout(batch, device)
             drop.draw(batch, self.cfg.hidden_size, device)
 
-    def hidden(self, tokens: Tensor, state: State, keep: Tensor | None = None) -> tuple[Tensor, State]:
+    def hidden(self, tokens: Tensor, state: State, keep: Tensor | None = None,
+               sequence: Callable[..., tuple[Tensor, Any]] | None = None) -> tuple[Tensor, State]:
         """Top-layer outputs (T, B, H) for tokens (T, B), before the vocabulary projection.
 
-        keep (T, B, 1) bool, if given, freezes each sample's state after its last real step."""
+        keep (T, B, 1) bool, if given, freezes each sample's state after its last real step.
+        sequence(index, layer, x, state, keep), if given, runs layer ``index`` over the whole
+        sequence instead of its own ``sequence`` (export writes each layer's time loop as one node)."""
         x = self.input_dropout(self.word_dropout(self.embedding(tokens), tokens))  # (T, B, E)
         new_state = []
-        for layer, drop, layer_state in zip(self.layers, self.output_dropouts, state, strict=True):
-            x, s = layer.sequence(x, layer_state, keep)
+        for index, (layer, drop, layer_state) in enumerate(zip(self.layers, self.output_dropouts, state, strict=True)):
+            x, s = layer.sequence(x, layer_state, keep) if sequence is None else sequence(index, layer, x, layer_state, keep)
             x = drop(x)
             new_state.append(s)
         return x, tuple(new_state)

@@ -128,7 +128,9 @@ class Cell(Protocol):
     def init_state(self, batch: int, device: torch.device | str | None = None) -> Any: ...
     def reset_dropout(self, batch: int, device: torch.device | str | None = None) -> None: ...
     def forward(self, x: Tensor, state: Any) -> tuple[Tensor, Any]: ...
-    def sequence(self, xs: Tensor, state: Any) -> tuple[Tensor, Any]: ...
+    def hoist(self, xs: Tensor) -> tuple[Tensor, ...]: ...
+    def recur(self, pre: tuple[Tensor, ...], state: Any) -> tuple[Tensor, Any]: ...
+    def sequence(self, xs: Tensor, state: Any, keep: Tensor | None = None) -> tuple[Tensor, Any]: ...
 
 
 def zeros_state(cls: Any, batch: int, sizes: dict[str, int], device: Any, dtype: Any = None) -> Any:
@@ -145,6 +147,26 @@ def hold(keep: Tensor | None, new: Any, old: Any) -> Any:
     if keep is None:
         return new
     return type(new)(*(torch.where(keep, n, o) for n, o in zip(new, old, strict=True)))
+
+
+def run_sequence(cell: Any, xs: Tensor, state: Any, keep: Tensor | None = None) -> tuple[Tensor, Any]:
+    """All steps of xs (T, B, I) through ``cell``: what every cell's ``sequence`` is.
+
+    The parts of a step that read only the input (``cell.hoist``) are one product for all T steps;
+    ``cell.recur`` is the rest, one step at a time. keep (T, B, 1), if given, says which samples
+    advance at each step (see ``hold``). Export replaces this loop by one ONNX Scan over
+    ``cell.recur`` (rnnlm.export.recurrence)."""
+    return recur_all(cell, cell.hoist(xs), state, keep)
+
+
+def recur_all(cell: Any, pres: tuple[Tensor, ...], state: Any, keep: Tensor | None = None) -> tuple[Tensor, Any]:
+    """``cell.recur`` over the hoisted inputs pres (each (T, B, ...)), one step at a time: (T, B, H), state."""
+    outputs = []
+    for t in range(pres[0].shape[0]):
+        y, new = cell.recur(tuple(p[t] for p in pres), state)
+        state = hold(None if keep is None else keep[t], new, state)
+        outputs.append(y)
+    return torch.stack(outputs), state  # (T, B, H)
 
 
 def orthogonal_blocks_(weight: Tensor, blocks: int) -> None:

@@ -32,8 +32,8 @@ from rnnlm.cells.base import (
     CandidateDropout,
     GateLayerNorm,
     SequenceDropout,
-    hold,
     orthogonal_blocks_,
+    run_sequence,
     zeros_state,
 )
 from rnnlm.cells.lstm import LSTMCell, LSTMState
@@ -122,28 +122,26 @@ class HyperLSTMCell(nn.Module):
         gates = (d_h * wh + d_x * px.reshape(-1, 4, H) + b).reshape(-1, 4 * H)
         if self.gate_norm is not None:
             gates = self.gate_norm(gates)
-        i, g, f, o = gates.chunk(4, dim=-1)
+        i, g, f, o = gates.split(H, dim=-1)  # split, not chunk: one ONNX Split of constant sizes
         c = torch.sigmoid(f + FORGET_BIAS) * state.c + torch.sigmoid(i) * self.candidate_dropout(torch.tanh(g))
         c_out = self.cell_norm(c) if self.cell_norm is not None else c
         h = torch.sigmoid(o) * torch.tanh(c_out)
         return h, HyperState(h, c, hyper_state.h, hyper_state.c)
 
-    def _hoist(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def hoist(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """What a step needs of its input, for any number of steps at once: W_x x, and the hyper cell's
+        input projection of x with its bias."""
         w_hyper_x = self.hyper.input_proj.weight[:, : self.input_size]
         return self.input_proj(x), F.linear(x, w_hyper_x, self.hyper.input_proj.bias)
 
     def forward(self, x: Tensor, state: HyperState) -> tuple[Tensor, HyperState]:
         """One time step: x (B, I) -> h (B, H)."""
-        px, hx = self._hoist(x)
+        px, hx = self.hoist(x)
         return self.step(px, hx, state)
+
+    def recur(self, pre: tuple[Tensor, ...], state: HyperState) -> tuple[Tensor, HyperState]:
+        return self.step(pre[0], pre[1], state)
 
     def sequence(self, xs: Tensor, state: HyperState, keep: Tensor | None = None) -> tuple[Tensor, HyperState]:
         """All steps of xs (T, B, I); keep (T, B, 1) optionally freezes finished samples."""
-        pxs, hxs = self._hoist(xs)  # (T, B, 4H), (T, B, 4 N_hyper): one product each for all steps
-        w_hyper_h = self.hyper.input_proj.weight[:, self.input_size :]
-        outputs = []
-        for t in range(pxs.shape[0]):
-            h, new = self.step(pxs[t], hxs[t], state, w_hyper_h)
-            state = hold(None if keep is None else keep[t], new, state)
-            outputs.append(h)
-        return torch.stack(outputs), state  # (T, B, H)
+        return run_sequence(self, xs, state, keep)

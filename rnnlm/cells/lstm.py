@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from rnnlm.cells.base import CandidateDropout, GateLayerNorm, SequenceDropout, hold, zeros_state
+from rnnlm.cells.base import CandidateDropout, GateLayerNorm, SequenceDropout, run_sequence, zeros_state
 
 
 class LSTMState(NamedTuple):
@@ -61,7 +61,7 @@ class LSTMCell(nn.Module):
         gates = px + self.hidden_proj(self.state_dropout(state.h))  # (B, 4H)
         if self.gate_norm is not None:
             gates = self.gate_norm(gates)
-        i, f, g, o = gates.chunk(4, dim=-1)
+        i, f, g, o = gates.split(self.hidden_size, dim=-1)  # split, not chunk: one ONNX Split of constant sizes
         if self.forget_bias:
             f = f + self.forget_bias
         c = torch.sigmoid(f) * state.c + torch.sigmoid(i) * self.candidate_dropout(torch.tanh(g))
@@ -73,14 +73,13 @@ class LSTMCell(nn.Module):
         """One time step: x (B, I) -> h (B, H)."""
         return self.step(self.input_proj(x), state)
 
-    def sequence(self, xs: Tensor, state: LSTMState, keep: Tensor | None = None) -> tuple[Tensor, LSTMState]:
-        """All steps of xs (T, B, I); the input projection is one matrix product for all of them.
+    def hoist(self, xs: Tensor) -> tuple[Tensor]:
+        """What a step needs of its input, for any number of steps at once: W_x x + b."""
+        return (self.input_proj(xs),)
 
-        keep (T, B, 1), if given, says which samples advance at each step (see ``hold``)."""
-        pxs = self.input_proj(xs)  # (T, B, 4H)
-        outputs = []
-        for t, px in enumerate(pxs.unbind(0)):
-            h, new = self.step(px, state)
-            state = hold(None if keep is None else keep[t], new, state)
-            outputs.append(h)
-        return torch.stack(outputs), state  # (T, B, H)
+    def recur(self, pre: tuple[Tensor, ...], state: LSTMState) -> tuple[Tensor, LSTMState]:
+        return self.step(pre[0], state)
+
+    def sequence(self, xs: Tensor, state: LSTMState, keep: Tensor | None = None) -> tuple[Tensor, LSTMState]:
+        """All steps of xs (T, B, I); keep (T, B, 1) optionally freezes finished samples."""
+        return run_sequence(self, xs, state, keep)

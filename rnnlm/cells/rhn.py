@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from rnnlm.cells.base import CandidateDropout, GateLayerNorm, SequenceDropout, hold, zeros_state
+from rnnlm.cells.base import CandidateDropout, GateLayerNorm, SequenceDropout, run_sequence, zeros_state
 
 
 class RHNState(NamedTuple):
@@ -102,7 +102,7 @@ class RHNCell(nn.Module):
                 pre = self.norms[layer](pre)
             if layer == 0:
                 pre = pre + px
-            h_pre, t_pre = pre.chunk(2, dim=-1)
+            h_pre, t_pre = pre.split(self.hidden_size, dim=-1)  # one ONNX Split of constant sizes
             h = self.candidate_dropout(torch.tanh(h_pre))
             t = torch.sigmoid(t_pre)
             s = h * t + s * (1.0 - t)
@@ -112,12 +112,13 @@ class RHNCell(nn.Module):
         """One time step: x (B, I) -> s_L (B, H)."""
         return self.step(self.project(x), state)
 
+    def hoist(self, xs: Tensor) -> tuple[Tensor]:
+        """What a step needs of its input, for any number of steps at once: project(x)."""
+        return (self.project(xs),)
+
+    def recur(self, pre: tuple[Tensor, ...], state: RHNState) -> tuple[Tensor, RHNState]:
+        return self.step(pre[0], state)
+
     def sequence(self, xs: Tensor, state: RHNState, keep: Tensor | None = None) -> tuple[Tensor, RHNState]:
         """All steps of xs (T, B, I); keep (T, B, 1) optionally freezes finished samples."""
-        pxs = self.project(xs)  # (T, B, 2H): the input enters the first micro-layer only
-        outputs = []
-        for t, px in enumerate(pxs.unbind(0)):
-            y, new = self.step(px, state)
-            state = hold(None if keep is None else keep[t], new, state)
-            outputs.append(y)
-        return torch.stack(outputs), state  # (T, B, H)
+        return run_sequence(self, xs, state, keep)
