@@ -17,7 +17,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import onnx
@@ -74,7 +74,7 @@ def _trace(module: torch.nn.Module, args: tuple[torch.Tensor, ...], graph: spec.
                           external_data=False, do_constant_folding=True,
                           custom_opsets=None if isinstance(module, StepGraph) else {recurrence.DOMAIN: 1})
     model = onnx.load(str(path))
-    recurrence.lower(model, list(module.model.layers), opset)  # each layer's time loop: one Scan or LSTM node
+    recurrence.lower(model, list(cast(LanguageModel, module.model).layers), opset)  # each layer's time loop: one Scan or LSTM node
     gemm_to_matmul(model)
     drop_weight_identities(model)
     _save_shared(model, path)

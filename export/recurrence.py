@@ -39,7 +39,7 @@ PLACEHOLDER = "Recurrence"
 ONNX_LSTM_GATES = (0, 3, 1, 2)  # ONNX's LSTM gate order i, o, f, c in the cell's order i, f, g, o
 
 
-def _recurrence(cell: nn.Module) -> Any:
+def _recurrence(cell: Any) -> Any:
     """An autograd Function for ``cell``: the layer's loop as PyTorch runs it, one placeholder node when
     traced (the tracer takes only tensors and numbers as a Function's arguments, so the cell is bound here)."""
 
@@ -48,11 +48,11 @@ def _recurrence(cell: nn.Module) -> Any:
         def forward(ctx: Any, index: int, n_pre: int, keep: Tensor, xs: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
             pres, fields = tensors[:n_pre], tensors[n_pre:]
             tracing = torch._C._get_tracing_state()  # the tracer records this call as one node; inside, it
-            torch._C._set_tracing_state(None)  # must not see the cell's weights, which are not inputs
+            torch._C._set_tracing_state(None)  # type: ignore[attr-defined]  # must not see the cell's weights, which are not inputs
             try:
                 ys, state = recur_all(cell, pres, type(cell.init_state(1))(*fields), keep)
             finally:
-                torch._C._set_tracing_state(tracing)
+                torch._C._set_tracing_state(tracing)  # type: ignore[attr-defined]
             return (ys, *state)
 
         @staticmethod
@@ -70,7 +70,7 @@ def _recurrence(cell: nn.Module) -> Any:
     return Recurrence
 
 
-def placeholder_sequence(index: int, cell: nn.Module, xs: Tensor, state: Any, keep: Tensor | None) -> tuple[Tensor, Any]:
+def placeholder_sequence(index: int, cell: Any, xs: Tensor, state: Any, keep: Tensor | None) -> tuple[Tensor, Any]:
     """``LanguageModel.hidden``'s ``sequence`` for tracing: the layer's loop as one placeholder node."""
     assert keep is not None, "the scoring and advance graphs always pass keep"
     pres = cell.hoist(xs)
@@ -81,7 +81,7 @@ def placeholder_sequence(index: int, cell: nn.Module, xs: Tensor, state: Any, ke
 # ------------------------------------------------------------------------------ lowering
 
 
-def lower(model: onnx.ModelProto, cells: list[nn.Module], opset: int) -> int:
+def lower(model: onnx.ModelProto, cells: list[Any], opset: int) -> int:
     """Replace every placeholder in ``model`` by a Scan or an LSTM node (in place); returns how many."""
     graph = model.graph
     nodes: list[onnx.NodeProto] = []
@@ -128,7 +128,7 @@ def prune_dead(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.Node
 class _Body(nn.Module):
     """(*state, keep_t, *pre_t) -> (*held next state, y_t): one step of the layer, as Scan's body."""
 
-    def __init__(self, cell: nn.Module, n_state: int) -> None:
+    def __init__(self, cell: Any, n_state: int) -> None:
         super().__init__()
         self.cell, self.n_state = cell, n_state
 
@@ -139,7 +139,7 @@ class _Body(nn.Module):
         return (*hold(keep, new, state), y)
 
 
-def _scan_node(node: onnx.NodeProto, cell: nn.Module, index: int, n_pre: int, opset: int) -> onnx.NodeProto:
+def _scan_node(node: onnx.NodeProto, cell: Any, index: int, n_pre: int, opset: int) -> onnx.NodeProto:
     """Scan(state..., keep, pre...) -> (next_state..., ys) with the traced step as its body."""
     keep, _, *rest = node.input
     pres, states = rest[:n_pre], rest[n_pre:]
@@ -149,7 +149,7 @@ def _scan_node(node: onnx.NodeProto, cell: nn.Module, index: int, n_pre: int, op
                             body=body, num_scan_inputs=1 + n_pre)
 
 
-def _trace_body(cell: nn.Module, n_state: int, n_pre: int, opset: int, prefix: str) -> onnx.GraphProto:
+def _trace_body(cell: Any, n_state: int, n_pre: int, opset: int, prefix: str) -> onnx.GraphProto:
     batch = 2
     state = list(cell.init_state(batch))
     pre = [p[0] for p in cell.hoist(torch.zeros(1, batch, _input_size(cell)))]
@@ -167,7 +167,7 @@ def _trace_body(cell: nn.Module, n_state: int, n_pre: int, opset: int, prefix: s
     return graph
 
 
-def _input_size(cell: nn.Module) -> int:
+def _input_size(cell: Any) -> int:
     return int(cell.input_size)
 
 
@@ -189,7 +189,7 @@ def _prefix_names(graph: onnx.GraphProto, prefix: str) -> None:
 # ------------------------------------------------------------------------------ LSTM
 
 
-def _fits_onnx_lstm(cell: nn.Module) -> bool:
+def _fits_onnx_lstm(cell: Any) -> bool:
     """A plain LSTM layer is exactly ONNX's LSTM operator (dropout is off in eval mode)."""
     return isinstance(cell, LSTMCell) and cell.gate_norm is None and cell.cell_norm is None
 
