@@ -1,8 +1,6 @@
 """The ``rnnlm`` command line. Each command imports its stage lazily and calls one plain function
 that the Python API exposes too; errors become one line on stderr and a non-zero exit code."""
 
-from __future__ import annotations
-
 import json
 import os
 import sys
