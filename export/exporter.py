@@ -63,7 +63,8 @@ def _save(model: onnx.ModelProto, path: Path) -> None:
     _fsync(path)
 
 
-def _trace(module: torch.nn.Module, args: tuple[torch.Tensor, ...], graph: spec.GraphSpec, path: Path, opset: int) -> onnx.ModelProto:
+def _trace(module: torch.nn.Module, args: tuple[torch.Tensor, ...], graph: spec.GraphSpec, path: Path, opset: int,
+           *, fuse_lstm: bool = True) -> onnx.ModelProto:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         # The TorchScript tracer names every input and output and keeps weights inside the file (no
@@ -74,7 +75,8 @@ def _trace(module: torch.nn.Module, args: tuple[torch.Tensor, ...], graph: spec.
                           external_data=False, do_constant_folding=True,
                           custom_opsets=None if isinstance(module, StepGraph) else {recurrence.DOMAIN: 1})
     model = onnx.load(str(path))
-    recurrence.lower(model, list(cast(LanguageModel, module.model).layers), opset)  # each layer's time loop: one Scan or LSTM node
+    # each layer's time loop: one Scan or LSTM node
+    recurrence.lower(model, list(cast(LanguageModel, module.model).layers), opset, fuse_lstm=fuse_lstm)
     gemm_to_matmul(model)
     drop_weight_identities(model)
     _save_shared(model, path)
@@ -276,7 +278,9 @@ def export_bundle(
     with staging_dir(out_dir.parent, out_dir.name) as tmp:
         step_path, score_path = tmp / spec.STEP_FILE, tmp / spec.SCORE_FILE
         graphs = {"step": _trace(StepGraph(model).eval(), _example_args(states, None), step_spec, step_path, opset),
-                  "score": _trace(ScoreGraph(model, chunk).eval(), _example_args(states, chunk), score_spec, score_path, opset)}
+                  # A quantized bundle's LSTM layers are Scans: their products can then be quantized
+                  "score": _trace(ScoreGraph(model, chunk).eval(), _example_args(states, chunk), score_spec, score_path, opset,
+                                  fuse_lstm=not quantize)}
         vocab.save(tmp / spec.VOCAB_FILE)
         advance = None
         if advance_chunk:

@@ -8,7 +8,8 @@ products, where quantizing the activations costs more than it saves. So the choi
   projections, the recurrent matrices of a 256-wide cell); smaller ones stay float32;
 - each is timed as a one-node graph with its own weights, at the row count it meets in the graph
   at batch 1 (1 in the step graph and for per-step products; ``chunk`` for a product the scoring
-  graph hoists over a whole chunk), in every candidate form:
+  graph hoists over a whole chunk), and the scoring graph's per-step products also at BATCH_ROWS
+  (per-line scoring runs that many sequences side by side), in every candidate form:
 
   * ``fp32``: MatMul, unchanged;
   * ``int8``: com.microsoft DynamicQuantizeMatMul, symmetric int8 weights with one scale per
@@ -18,12 +19,14 @@ products, where quantizing the activations costs more than it saves. So the choi
   * ``bf16``: Cast + MatMul in bfloat16, which runs only where onnxruntime has a kernel for it
     (it has none on CPU in 1.31; the measurement records the refusal);
 
-- the fastest form wins if it beats fp32 by ``MIN_GAIN``; the exporter then checks the whole
+- the fastest form (for a product timed at two row counts: by the geometric mean of its two times
+  relative to fp32) wins if it beats fp32 by ``MIN_GAIN``; the exporter then checks the whole
   bundle's perplexity and refuses it above ``--max-ppl-rise``.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 import warnings
@@ -43,11 +46,14 @@ ACCURACY_LEVELS = (0, 4)
 TIME_PER_CANDIDATE = 0.15  # seconds of timing per candidate and product, over ROUNDS interleaved rounds
 ROUNDS = 7
 MS_DOMAIN = "com.microsoft"
+BATCH_ROWS = 64  # sequences per call in per-line scoring (the runtime's default batch_size)
 
 
 @dataclass(frozen=True)
 class Product:
-    """One weight matrix W (K, N) used by ``uses`` MatMul nodes of one graph, ``rows`` rows per call."""
+    """One weight matrix W (K, N) used by ``uses`` MatMul nodes of one graph, ``rows`` rows per call at
+    batch 1, and ``batch_rows`` rows per call in batched scoring where that differs (the scoring graph's
+    per-step products: one row per sequence, BATCH_ROWS sequences per call in per-line scoring)."""
 
     graph: str
     weight: str
@@ -55,6 +61,7 @@ class Product:
     n: int
     uses: int
     rows: int
+    batch_rows: int | None = None
 
 
 def find_products(model: onnx.ModelProto, graph: str, chunk: int) -> list[Product]:
@@ -69,8 +76,9 @@ def find_products(model: onnx.ModelProto, graph: str, chunk: int) -> list[Produc
             dims = list(inits[name].dims)
             if len(dims) != 2 or dims[0] * dims[1] < MIN_ELEMENTS or inits[name].data_type != onnx.TensorProto.FLOAT:
                 continue
-            rows = chunk if graph == "score" and depth == 0 else 1
-            out.append(Product(graph, name, int(dims[0]), int(dims[1]), count, rows))
+            hoisted = graph == "score" and depth == 0
+            batch_rows = BATCH_ROWS if graph == "score" and not hoisted else None
+            out.append(Product(graph, name, int(dims[0]), int(dims[1]), count, chunk if hoisted else 1, batch_rows))
     return sorted(out, key=lambda p: -p.k * p.n)
 
 
@@ -209,20 +217,38 @@ def time_form(form: str, w: np.ndarray, rows: int, threads: int) -> dict[str, An
     return time_forms([form], w, rows, threads)[0]
 
 
-def choose(product: Product, w: np.ndarray, threads: int, forms: list[str] | None = None) -> dict[str, Any]:
-    """Time every candidate form of one product; the fastest that beats fp32 by MIN_GAIN, else fp32."""
-    forms = forms or candidate_forms()
-    timings = time_forms(forms, w, product.rows, threads) if time_form is _time_form_default else \
-        [time_form(f, w, product.rows, threads) for f in forms]  # a replaced time_form (tests) is honoured
+def _timings(forms: list[str], w: np.ndarray, rows: int, threads: int) -> list[dict[str, Any]]:
+    """``time_forms``, each form's time relative to fp32's filled in (a replaced ``time_form``, in tests, is honoured)."""
+    timings = time_forms(forms, w, rows, threads) if time_form is _time_form_default else \
+        [time_form(f, w, rows, threads) for f in forms]
     fp32 = next(t["seconds"] for t in timings if t["form"] == "fp32")
-    usable = [t for t in timings if t["seconds"] is not None]
-    for t in usable:
-        t.setdefault("relative", t["seconds"] / fp32)
-    best = min(usable, key=lambda t: t["relative"])
-    chosen = best["form"] if best["relative"] * MIN_GAIN <= 1.0 else "fp32"
-    return {"graph": product.graph, "weight": product.weight, "shape": [product.k, product.n], "uses": product.uses,
-            "rows_per_call": product.rows, "chosen": chosen,
-            "speedup": 1.0 / next(t["relative"] for t in usable if t["form"] == chosen), "candidates": timings}
+    for t in timings:
+        if t["seconds"] is not None:
+            t.setdefault("relative", t["seconds"] / fp32)
+    return timings
+
+
+def choose(product: Product, w: np.ndarray, threads: int, forms: list[str] | None = None) -> dict[str, Any]:
+    """Time every candidate form of one product; the fastest that beats fp32 by MIN_GAIN, else fp32.
+
+    A product that meets two row counts (``batch_rows``: the scoring graph's per-step products, one row at
+    batch 1 and BATCH_ROWS in per-line scoring) is timed at both, and ranked by the geometric mean of its
+    two times relative to fp32: 4-bit with int8 compute is the fastest form at one row and the slowest at
+    64, int8 close to it at one and 2-3x fp32 at 64 (bench/RESULTS.md)."""
+    forms = forms or candidate_forms()
+    timings = _timings(forms, w, product.rows, threads)
+    batch = _timings(forms, w, product.batch_rows, threads) if product.batch_rows else None
+    relative = {t["form"]: t["relative"] for t in timings if "relative" in t}
+    if batch is not None:
+        at_batch = {t["form"]: t["relative"] for t in batch if "relative" in t}
+        relative = {f: math.sqrt(r * at_batch[f]) for f, r in relative.items() if f in at_batch}
+    best = min(relative, key=lambda f: relative[f])
+    chosen = best if relative[best] * MIN_GAIN <= 1.0 else "fp32"
+    row = {"graph": product.graph, "weight": product.weight, "shape": [product.k, product.n], "uses": product.uses,
+           "rows_per_call": product.rows, "chosen": chosen, "speedup": 1.0 / relative[chosen], "candidates": timings}
+    if batch is not None:
+        row.update(batch_rows_per_call=product.batch_rows, batch_candidates=batch)
+    return row
 
 
 _time_form_default = time_form

@@ -81,8 +81,11 @@ def placeholder_sequence(index: int, cell: Any, xs: Tensor, state: Any, keep: Te
 # ------------------------------------------------------------------------------ lowering
 
 
-def lower(model: onnx.ModelProto, cells: list[Any], opset: int) -> int:
-    """Replace every placeholder in ``model`` by a Scan or an LSTM node (in place); returns how many."""
+def lower(model: onnx.ModelProto, cells: list[Any], opset: int, *, fuse_lstm: bool = True) -> int:
+    """Replace every placeholder in ``model`` by a Scan or an LSTM node (in place); returns how many.
+
+    ``fuse_lstm=False`` writes plain LSTM layers as a Scan too: their products are then MatMuls that
+    quantization can rewrite (ONNX's LSTM operator takes float weights only)."""
     graph = model.graph
     nodes: list[onnx.NodeProto] = []
     lowered = 0
@@ -92,7 +95,7 @@ def lower(model: onnx.ModelProto, cells: list[Any], opset: int) -> int:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         cell = cells[attrs["layer"]]
-        if _fits_onnx_lstm(cell):
+        if fuse_lstm and _fits_onnx_lstm(cell):
             new_nodes, inits = _lstm_nodes(node, cell, attrs["layer"])
             graph.initializer.extend(inits)
         else:
