@@ -33,6 +33,7 @@ from bundles import (
 )
 from rnnlm.export import spec
 from rnnlm.export.graphs import ScoreGraph
+from rnnlm.export.passes import graphs_of
 from rnnlm.export.validate import ValidationError
 from typer.testing import CliRunner
 
@@ -417,7 +418,7 @@ def test_quantized_bundle_is_measured_validated_and_loads(built: Callable[[str, 
         assert all(c["seconds"] is not None or c["unavailable"] for c in p["candidates"])
         assert p["chosen"] == "int8" if mode == "int8" else p["chosen"] in forms
     # The graphs hold what the manifest says was chosen.
-    ops = {n.op_type for name in ("step.onnx", "score.onnx") for n in onnx.load(str(out / name)).graph.node}
+    ops = {n.op_type for name in ("step.onnx", "score.onnx") for g in graphs_of(onnx.load(str(out / name))) for n in g.node}
     chosen = {p["chosen"] for p in q["products"]}
     assert ("DynamicQuantizeMatMul" in ops) == ("int8" in chosen)
     assert ("MatMulNBits" in ops) == any(c.startswith("nbits4") for c in chosen)
@@ -498,7 +499,30 @@ def test_products_are_the_large_weights_with_rows_per_call(built: Callable[[str,
     # CHUNK rows each); the recurrent matrix is in the Scan body, written once, one row per call at batch 1.
     assert sorted((p.k, p.n, p.uses, p.rows) for p in sp) == sorted([(32, V, 1, CHUNK), (32, 128, 1, CHUNK), (32, 128, 1, 1)])
     assert sorted((p.k, p.n, p.uses, p.rows) for p in tp) == sorted([(32, V, 1, 1), (32, 128, 1, 1), (32, 128, 1, 1)])
+    # The per-step product also meets BATCH_ROWS rows in per-line scoring; nothing else does.
+    assert sorted((p.rows, p.batch_rows) for p in sp) == [(1, quantize.BATCH_ROWS), (CHUNK, None), (CHUNK, None)]
+    assert all(p.batch_rows is None for p in tp)
     assert quantize.find_products(score, "score", CHUNK) == []  # nothing this small is worth quantizing
+
+
+def test_a_product_met_at_two_row_counts_is_chosen_for_both(monkeypatch: pytest.MonkeyPatch) -> None:
+    """4-bit fastest at one row but slowest at 64, int8 a little slower at one row and fastest at 64 (as
+    measured, bench/RESULTS.md): a step-graph product takes 4-bit, a scoring graph's per-step one int8."""
+    from rnnlm.export import quantize
+
+    def fake(form: str, w: np.ndarray, rows: int, threads: int) -> dict:
+        seconds = {"fp32": 1.0, "int8": 0.7 if rows == 1 else 0.35, "nbits4-b32-a4": 0.5 if rows == 1 else 1.6}
+        return {"form": form, "seconds": seconds.get(form, 3.0) * 1e-4, "max_rel_error": 0.0}
+
+    monkeypatch.setattr(quantize, "time_form", fake)
+    w = np.zeros((4, 8), np.float32)
+    step = quantize.choose(quantize.Product("step", "w", 4, 8, 1, 1), w, 1)
+    assert step["chosen"] == "nbits4-b32-a4" and "batch_candidates" not in step
+    body = quantize.choose(quantize.Product("score", "w", 4, 8, 1, 1, quantize.BATCH_ROWS), w, 1)
+    assert body["chosen"] == "int8"  # sqrt(0.7 * 0.35) = 0.49 against sqrt(0.5 * 1.6) = 0.89
+    assert body["speedup"] == pytest.approx(1 / np.sqrt(0.7 * 0.35))
+    assert body["batch_rows_per_call"] == quantize.BATCH_ROWS
+    assert [c["form"] for c in body["batch_candidates"]] == [c["form"] for c in body["candidates"]]
 
 
 # ------------------------------------------------------------------ 6. issue 11: source, replacing, shadowing
