@@ -42,7 +42,7 @@ def _session_options(threads: int) -> ort.SessionOptions:
     # Measured (bench/RESULTS.md): on the unrolled graphs of older bundles (thousands of small nodes)
     # onnxruntime's memory-reuse planner took seconds while saving no run time; on the Scan graphs
     # (export.recurrence) basic, extended and all optimisation levels, with or without memory reuse,
-    # run within 3 % of each other. Basic graph optimisations, no reuse planning.
+    # show no consistent difference (bench/session_options.py). Basic optimisations, no reuse planning.
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     opts.enable_mem_reuse = False
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

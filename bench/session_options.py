@@ -1,0 +1,73 @@
+"""onnxruntime's session options on a bundle's advance (or scoring) graph: creation time and time per
+token at batch 1, for each optimisation level with and without memory reuse, side by side.
+
+    python bench/session_options.py BUNDLE [BUNDLE ...] [--graph advance|score] [--tokens 7680]
+
+The runtime uses basic optimisations without memory reuse (serve/runtime.py, ``_session_options``);
+this is the measurement behind that choice for the Scan graphs. One intra-op thread, random token ids
+(the weights and ids do not change the time), the state carried from call to call as in reading a prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+          "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+          "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+SETS = [("basic", False), ("basic", True), ("extended", True), ("all", True)]
+
+
+def session(path: Path, level: str, reuse: bool) -> tuple[ort.InferenceSession, float]:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    opts.graph_optimization_level, opts.enable_mem_reuse, opts.log_severity_level = LEVELS[level], reuse, 3
+    t = time.perf_counter()
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return sess, time.perf_counter() - t
+
+
+def per_token(sess: ort.InferenceSession, manifest: dict[str, Any], graph: str, ids: np.ndarray) -> float:
+    """Seconds per token of reading ``ids`` at batch 1, a chunk per call."""
+    chunk, states = manifest["graphs"][graph]["chunk"], manifest["state"]
+    state = {s["input"]: np.zeros((1, s["size"]), np.float32) for s in states}
+    t = time.perf_counter()
+    for start in range(0, len(ids) - chunk + 1, chunk):
+        feeds = {"token_ids": ids[start : start + chunk, None], "lengths": np.array([chunk], np.int64), **state}
+        if graph == "score":
+            feeds["targets"] = feeds["token_ids"]
+        out = sess.run(None, feeds)
+        state = dict(zip([s["input"] for s in states], out[-len(states):], strict=True))
+    return (time.perf_counter() - t) / (len(ids) // chunk * chunk)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("bundles", nargs="+", type=Path)
+    ap.add_argument("--graph", choices=["advance", "score"], default="advance")
+    ap.add_argument("--tokens", type=int, default=7680)
+    args = ap.parse_args()
+    for bundle in args.bundles:
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        if args.graph not in manifest["graphs"]:
+            print(f"{bundle}: no {args.graph} graph")
+            continue
+        ids = np.random.default_rng(0).integers(0, manifest["vocab"]["size"], args.tokens).astype(np.int64)
+        path = bundle / manifest["graphs"][args.graph]["file"]
+        for level, reuse in SETS:
+            sess, created = session(path, level, reuse)
+            per_token(sess, manifest, args.graph, ids[:1024])  # warm-up
+            best = min(per_token(sess, manifest, args.graph, ids) for _ in range(2))
+            print(f"{bundle} {args.graph}: {level:8s} reuse={reuse!s:5s} created in {created * 1e3:5.1f} ms, "
+                  f"{best * 1e6:6.1f} us/token", flush=True)
+
+
+if __name__ == "__main__":
+    main()
