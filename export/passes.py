@@ -27,8 +27,12 @@ def graphs_of(model: onnx.ModelProto) -> list[onnx.GraphProto]:
 
 def subgraphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
     """The graphs held in ``graph``'s nodes' attributes (one level down)."""
-    return [g for n in graph.node for a in n.attribute
-            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs))]
+    return [g for n in graph.node for g in node_graphs(n)]
+
+
+def node_graphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs held in one node's attributes (a Scan's body)."""
+    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs))]
 
 
 def reads(graph: onnx.GraphProto) -> set[str]:

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 import torch
 from onnx import helper, numpy_helper
-from rnnlm.export.passes import reads, subgraphs
+from rnnlm.export.passes import node_graphs, reads, replace_nodes
 from torch import Tensor, nn
 
 from rnnlm.cells.base import hold, recur_all
@@ -102,8 +102,7 @@ def lower(model: onnx.ModelProto, cells: list[Any], opset: int, *, fuse_lstm: bo
             new_nodes = [_scan_node(node, cell, attrs["layer"], attrs["pre"], opset)]
         nodes.extend(new_nodes)
         lowered += 1
-    del graph.node[:]
-    graph.node.extend(prune_dead(nodes, {o.name for o in graph.output}))
+    replace_nodes(graph, prune_dead(nodes, {o.name for o in graph.output}))  # unread weights go too
     del graph.value_info[:]  # shapes recorded at the traced batch and chunk; onnxruntime infers its own
     kept = [o for o in model.opset_import if o.domain != DOMAIN]
     del model.opset_import[:]
@@ -120,7 +119,7 @@ def prune_dead(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.Node
         if any(o in needed for o in node.output):
             kept.append(node)
             needed.update(node.input)
-            for g in subgraphs(helper.make_graph([node], "node", [], [])):
+            for g in node_graphs(node):
                 needed.update(reads(g))  # a body may read outer names
     return kept[::-1]
 
@@ -155,7 +154,7 @@ def _scan_node(node: onnx.NodeProto, cell: Any, index: int, n_pre: int, opset: i
 def _trace_body(cell: Any, n_state: int, n_pre: int, opset: int, prefix: str) -> onnx.GraphProto:
     batch = 2
     state = list(cell.init_state(batch))
-    pre = [p[0] for p in cell.hoist(torch.zeros(1, batch, _input_size(cell)))]
+    pre = [p[0] for p in cell.hoist(torch.zeros(1, batch, int(cell.input_size)))]
     args = (*state, torch.ones(batch, 1, dtype=torch.bool), *pre)
     ins = [f"state{i}" for i in range(n_state)] + ["keep"] + [f"pre{i}" for i in range(n_pre)]
     outs = [f"next{i}" for i in range(n_state)] + ["y"]
@@ -168,10 +167,6 @@ def _trace_body(cell: Any, n_state: int, n_pre: int, opset: int, prefix: str) ->
         graph = onnx.load(str(path)).graph
     _prefix_names(graph, prefix)
     return graph
-
-
-def _input_size(cell: Any) -> int:
-    return int(cell.input_size)
 
 
 def _prefix_names(graph: onnx.GraphProto, prefix: str) -> None:
