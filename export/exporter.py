@@ -237,7 +237,7 @@ def _check_advance_chunk(advance_chunk: int, quantize: str | None) -> int:
     """The advance graph's chunk to export (0: none). A quantized bundle has none: its prompts are
     read through its scoring graph, whose products were chosen and checked by measurement."""
     if advance_chunk < 0 or advance_chunk > 1024:
-        raise RnnlmError(f"the advance chunk must be in [0, 1024] (0: no advance graph), got {advance_chunk}")
+        raise RnnlmError(f"--advance-chunk must be in [0, 1024] (0: no advance graph), got {advance_chunk}")
     return 0 if quantize else advance_chunk
 
 

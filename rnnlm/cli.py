@@ -273,6 +273,8 @@ def export(
     out: Annotated[Path | None, typer.Option(help="Bundle directory (default: <model>/onnx; <model>/onnx-quant or onnx-int8 with --quantize).")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset, 17 or newer (native LayerNormalization).")] = 18,
     chunk: Annotated[int, typer.Option(help="Time steps per call of the scoring graph.")] = 32,
+    advance_chunk: Annotated[int, typer.Option(help="Time steps per call of the advance graph, which reads prompts "
+                                               "(0: none; quantized bundles have none).")] = 128,
     quantize: Annotated[str | None, typer.Option(help="auto: each large product in the form measured fastest (fp32, "
                                                  "int8, 4-bit); int8: every large product int8. Checked by perplexity.")] = None,
     max_ppl_rise: Annotated[float, typer.Option(help="With --quantize: refuse a bundle whose PTB valid perplexity rises "
@@ -300,7 +302,8 @@ def export(
 
         run(lambda: refuse_shadowing(triton, "--triton"))
     summary = run(lambda: export_bundle(model_dir, cell=cell, out=out, opset=opset, chunk=chunk, quantize=quantize,
-                                        max_ppl_rise=max_ppl_rise, force=force, data_dir=data_dir))
+                                        max_ppl_rise=max_ppl_rise, force=force, data_dir=data_dir,
+                                        advance_chunk=advance_chunk))
     if triton is not None:
         from rnnlm.export.triton import write_triton_repository
 

@@ -321,6 +321,8 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path, Path], dict], list[str]]] = {
     "out-is-a-file": (lambda r, s: {"model_dir": s, "out": r / "notes.txt"}, ["is not a bundle"]),
     "opset-16": (lambda r, s: {"model_dir": s, "out": r / "out", "opset": 16}, ["--opset 16", "17"]),
     "chunk-0": (lambda r, s: {"model_dir": s, "out": r / "out", "chunk": 0}, ["--chunk"]),
+    "advance-chunk-2000": (lambda r, s: {"model_dir": s, "out": r / "out", "advance_chunk": 2000},
+                           ["--advance-chunk", "[0, 1024]", "2000"]),
     "quantize-int4": (lambda r, s: {"model_dir": s, "out": r / "out", "quantize": "int4"}, ["--quantize must be auto", "int8"]),
     "max-ppl-rise-negative": (lambda r, s: {"model_dir": s, "out": r / "out", "quantize": "auto", "max_ppl_rise": -0.1},
                               ["--max-ppl-rise"]),
@@ -358,7 +360,22 @@ CLI_BAD = {
     "unknown-cell": lambda r, s: ["export", "--cell", "gru"],
     "out-not-a-bundle": lambda r, s: ["export", str(s), "--out", str(_busy_dir(r))],
     "opset-16": lambda r, s: ["export", str(s), "--out", str(r / "out"), "--opset", "16"],
+    "advance-chunk-2000": lambda r, s: ["export", str(s), "--out", str(r / "out"), "--advance-chunk", "2000"],
 }
+
+
+def test_cli_export_sets_the_advance_chunk(small_ckpt: Path, tmp_path: Path) -> None:
+    data = no_data_dir(tmp_path)
+    for chunk, name in ((8, "a8"), (0, "none")):
+        out = tmp_path / name
+        result = CliRunner().invoke(app, ["export", str(small_ckpt), "--out", str(out), "--advance-chunk", str(chunk),
+                                          "--chunk", str(CHUNK), "--data-dir", str(data), "--force"])
+        assert result.exit_code == 0, result.output
+        graphs = read_manifest(out)["graphs"]
+        if chunk:
+            assert graphs["advance"]["chunk"] == chunk and (out / "advance.onnx").is_file()
+        else:
+            assert "advance" not in graphs and not (out / "advance.onnx").exists()
 
 
 @pytest.mark.parametrize("case", list(CLI_BAD))
