@@ -233,12 +233,11 @@ def _validate_advance(model: LanguageModel, lm: Runtime, tolerance: float) -> Re
     return validate_advance(model, lm, tolerance)
 
 
-def _check_advance_chunk(advance_chunk: int, quantize: str | None) -> int:
-    """The advance graph's chunk to export (0: none). A quantized bundle has none: its prompts are
-    read through its scoring graph, whose products were chosen and checked by measurement."""
+def _check_advance_chunk(advance_chunk: int) -> int:
+    """The advance graph's chunk to export (0: none)."""
     if advance_chunk < 0 or advance_chunk > 1024:
         raise RnnlmError(f"--advance-chunk must be in [0, 1024] (0: no advance graph), got {advance_chunk}")
-    return 0 if quantize else advance_chunk
+    return advance_chunk
 
 
 def _runtime(tmp: Path) -> Runtime:
@@ -265,7 +264,7 @@ def export_bundle(
     """Export a checkpoint directory to a validated bundle; return the manifest's summary."""
     t0 = time.monotonic()
     _check_options(opset, chunk, quantize, max_ppl_rise)
-    advance_chunk = _check_advance_chunk(advance_chunk, quantize)
+    advance_chunk = _check_advance_chunk(advance_chunk)
     model_dir, out_dir = _resolve_paths(model_dir, cell, out, quantize)
     refuse_shadowing(out_dir)
     model, vocab = load_model_dir(model_dir)
@@ -285,8 +284,8 @@ def export_bundle(
         advance = None
         if advance_chunk:
             advance = (spec.advance_graph(states, advance_chunk), advance_chunk)
-            _trace(AdvanceGraph(model, advance_chunk).eval(), _advance_args(states, advance_chunk), advance[0],
-                   tmp / spec.ADVANCE_FILE, opset)
+            graphs["advance"] = _trace(AdvanceGraph(model, advance_chunk).eval(), _advance_args(states, advance_chunk),
+                                       advance[0], tmp / spec.ADVANCE_FILE, opset, fuse_lstm=not quantize)
         stage = functools.partial(_manifest, cfg, vocab, states, step_spec, score_spec, chunk, opset, source, tmp,
                                   advance=advance)
         stage({})
@@ -304,6 +303,8 @@ def export_bundle(
             quant, lm, report = _quantize(model, graphs, tmp, stage, lm, ids, valid_ids is not None, quantize, chunk,
                                           max_ppl_rise)
             probe_tol = QUANT_PROBE_TOLERANCE
+            if advance_chunk:  # the quantized advance graph, against PyTorch on its own
+                advance_report = _validate_advance(model, lm, QUANT_STATE_TOLERANCE)
             if valid_ids is not None:  # the quantized bundle's own perplexity
                 metrics = {"valid_tokens": len(valid_ids), "valid_nll": quant["nll"], "valid_ppl": quant["ppl"]}
         validation = {"tolerance": quant["validation"]["tolerance"] if quant else tolerance,
@@ -313,6 +314,8 @@ def export_bundle(
             validation["advance"] = {"max_abs_state_diff": advance_report.max_state_diff, "cases": advance_report.cases}
         stage({"probe": _probe(lm, vocab, probe_tol), "validation": validation, "metrics": metrics, "quantization": quant})
         del lm
+        if advance_chunk:  # the check serving runs when it first reads a prompt: the advance graph's state
+            _runtime(tmp).session("advance")  # after the probe equals the scoring graph's, within its tolerance
         replace_dir(tmp, out_dir)
     summary = {"bundle": str(out_dir), "cell": cfg.cell, "seconds": round(time.monotonic() - t0, 1),
                "max_abs_logprob_diff": report.max_logprob_diff, "max_abs_state_diff": report.max_state_diff, **metrics}
@@ -383,7 +386,8 @@ def _quantize(model: LanguageModel, graphs: dict[str, onnx.ModelProto], tmp: Pat
     fails, export refuses."""
     nll32, t32 = _nlls(lm, ids)
     threads = os.cpu_count() or 1
-    rows = quantize.plan(graphs, chunk, threads, None if mode == "auto" else ["fp32", "int8"])
+    measured = {k: g for k, g in graphs.items() if k != "advance"}  # the advance graph takes the score graph's forms
+    rows = quantize.plan(measured, chunk, threads, None if mode == "auto" else ["fp32", "int8"])
     if mode == "int8":  # every product int8, as asked; the measurement is still recorded
         for r in rows:
             r["chosen"] = "int8"
@@ -426,14 +430,21 @@ def _quantize(model: LanguageModel, graphs: dict[str, onnx.ModelProto], tmp: Pat
     return result, lm, report
 
 
+GRAPH_FILES = {"step": spec.STEP_FILE, "score": spec.SCORE_FILE, "advance": spec.ADVANCE_FILE}
+
+
 def _stage_quantized(graphs: dict[str, onnx.ModelProto], rows: list[dict[str, Any]], tmp: Path,
                      stage: Callable[[dict[str, Any]], Any]) -> Runtime:
-    """Write both graphs with the products' chosen forms, restage the manifest, load it in the runtime."""
+    """Write the graphs with the products' chosen forms, restage the manifest, load it in the runtime.
+    The advance graph is the scoring graph's recurrence: its products take the forms chosen for the
+    scoring graph's products with the same weights, so that both reach the same state."""
     for key, graph in graphs.items():
         q = onnx.ModelProto()
         q.CopyFrom(graph)
-        quantize.apply_forms(q, {r["weight"]: r["chosen"] for r in rows if r["graph"] == key})
-        _save_shared(q, tmp / (spec.STEP_FILE if key == "step" else spec.SCORE_FILE))
+        forms = quantize.forms_by_weights(graph, graphs["score"], [r for r in rows if r["graph"] == "score"]) \
+            if key == "advance" else {r["weight"]: r["chosen"] for r in rows if r["graph"] == key}
+        quantize.apply_forms(q, forms)
+        _save_shared(q, tmp / GRAPH_FILES[key])
     stage({})
     try:
         return _runtime(tmp)

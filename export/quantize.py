@@ -26,6 +26,7 @@ products, where quantizing the activations costs more than it saves. So the choi
 
 from __future__ import annotations
 
+import hashlib
 import math
 import statistics
 import time
@@ -85,6 +86,19 @@ def find_products(model: onnx.ModelProto, graph: str, chunk: int) -> list[Produc
 def weights(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     """Every initializer of ``model`` and of its Scan bodies, by name (body names are prefixed: unique)."""
     return {i.name: i for g in graphs_of(model) for i in g.initializer}
+
+
+def forms_by_weights(model: onnx.ModelProto, reference: onnx.ModelProto, rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Forms for ``model``'s weights: the form chosen (``rows``) for the weight of ``reference`` that holds the
+    same matrix. The tracer names a folded constant after its place in the graph, so one matrix can have
+    other names in two graphs traced from the same model (the advance and the scoring graph)."""
+    ref = weights(reference)
+    chosen = {_content(ref[r["weight"]]): r["chosen"] for r in rows if r["weight"] in ref}
+    return {name: chosen[key] for name, t in weights(model).items() if (key := _content(t)) in chosen}
+
+
+def _content(t: onnx.TensorProto) -> tuple[tuple[int, ...], int, bytes]:
+    return tuple(t.dims), t.data_type, hashlib.sha256(numpy_helper.to_array(t).tobytes()).digest()
 
 
 # ------------------------------------------------------------------------------ the forms

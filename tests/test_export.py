@@ -44,8 +44,8 @@ from rnnlm.model import LanguageModel, flatten_state
 
 CELL_LN = [pytest.param(c, ln, id=f"{c}-{'ln' if ln else 'plain'}") for c, ln in VARIANTS]
 V = len(TOKENS)
-BUNDLE_FILES = {"manifest.json", "step.onnx", "score.onnx", "vocab.txt"}
-FLOAT_BUNDLE_FILES = BUNDLE_FILES | {"advance.onnx"}  # a float32 bundle also reads prompts (tests/test_advance.py)
+# advance.onnx reads prompts (tests/test_advance.py); quantized bundles have one too
+BUNDLE_FILES = {"manifest.json", "step.onnx", "score.onnx", "vocab.txt", "advance.onnx"}
 # onnxruntime against PyTorch: the export's stated tolerance. A random-init HyperLSTM with layer norm
 # drifts ~3e-5 from float32 PyTorch over 29 steps (float32 and float64 PyTorch differ as much), so
 # 1e-5 is kept for the two graphs against each other, which run the same kernels.
@@ -113,14 +113,14 @@ def run_score(sess: ort.InferenceSession, states: list[spec.StateSpec], chunk: i
 def test_bundle_is_validated_self_describing_and_safe(built: Callable[[str, bool], Built], cell: str, ln: bool) -> None:
     b = built(cell, ln)
     assert b.summary["max_abs_logprob_diff"] <= 1e-4 and b.summary["max_abs_state_diff"] <= 1e-4
-    assert sorted(p.name for p in b.bundle.iterdir()) == sorted(FLOAT_BUNDLE_FILES)  # no temp or fp32 leftovers
+    assert sorted(p.name for p in b.bundle.iterdir()) == sorted(BUNDLE_FILES)  # no temp or fp32 leftovers
     assert not any(p.name.startswith(f".{b.bundle.name}") for p in b.bundle.parent.iterdir())
     m = read_manifest(b.bundle)
     assert m["format"] == "rnnlm-bundle" and m["format_version"] == spec.FORMAT_VERSION == 1
     assert m["cell"] == cell and m["config"]["layer_norm"] is ln and m["config"]["num_layers"] == b.num_layers
 
     # Every file but the manifest is listed with its sha256 and size, computed here independently.
-    assert set(m["files"]) == FLOAT_BUNDLE_FILES - {"manifest.json"}
+    assert set(m["files"]) == BUNDLE_FILES - {"manifest.json"}
     for name, meta in m["files"].items():
         assert meta["sha256"] == file_sha256(b.bundle / name), name
         assert meta["bytes"] == (b.bundle / name).stat().st_size, name
@@ -350,7 +350,7 @@ def test_bad_input_is_refused_and_nothing_is_written(small_ckpt: Path, tmp_path:
 def test_force_replaces_a_directory_that_is_not_a_bundle(small_ckpt: Path, tmp_path: Path) -> None:
     out = _busy_dir(tmp_path)
     export(small_ckpt, out, force=True)
-    assert sorted(p.name for p in out.iterdir()) == sorted(FLOAT_BUNDLE_FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted(BUNDLE_FILES)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["no-ptb", "notes"]  # the old directory is gone
 
 
@@ -446,11 +446,29 @@ def test_quantized_bundle_is_measured_validated_and_loads(built: Callable[[str, 
     for name, meta in m["files"].items():
         assert meta["sha256"] == file_sha256(out / name)
 
+    # Its advance graph: every product in the form chosen for the scoring graph's product with the same
+    # matrix, checked against PyTorch at export, and passing the check serving runs on first use (its state
+    # after the probe equals the scoring graph's within the probe's tolerance).
+    advance, score = onnx.load(str(out / "advance.onnx")), onnx.load(str(out / "score.onnx"))
+    assert form_of_matrices(advance) <= form_of_matrices(score)
+    if mode == "int8":  # every product quantized: the advance graph's recurrence is too
+        assert form_of_matrices(advance)
+    assert m["validation"]["advance"]["max_abs_state_diff"] <= q["validation"]["state_tolerance"]
+    Runtime.load(out, threads=1).session("advance")
+
     # The runtime loads it (its probe included), and it scores close to the fp32 bundle of the same checkpoint.
     text = "the stock market fell\nshares of the company rose N percent in the quarter\n"
     rq, r32 = Runtime.load(out, threads=1).score(text), Runtime.load(fp32.bundle, threads=1).score(text)
     assert rq.tokens == r32.tokens == 16
     assert abs(rq.ppl / r32.ppl - 1) < 0.05
+
+
+def form_of_matrices(model: onnx.ModelProto) -> set[tuple[str, bytes]]:
+    """(op, the quantized matrix's bytes) for every quantized product in ``model`` and its Scan bodies."""
+    inits = {i.name: i for g in graphs_of(model) for i in g.initializer}
+    return {(n.op_type, onnx.numpy_helper.to_array(inits[n.input[1]]).tobytes()) for g in graphs_of(model)
+            for n in g.node
+            if n.op_type in ("DynamicQuantizeMatMul", "MatMulNBits")}
 
 
 def _fake_timings(form: str, w: np.ndarray, rows: int, threads: int) -> dict:
@@ -560,11 +578,11 @@ def test_replacing_a_bundle_of_another_checkpoint_needs_force(small_ckpt: Path, 
     out = tmp_path / "bundle"
     export(small_ckpt, out)
     export(small_ckpt, out)  # the same checkpoint again: a plain refresh
-    before = {p: file_sha256(out / p) for p in FLOAT_BUNDLE_FILES}
+    before = {p: file_sha256(out / p) for p in BUNDLE_FILES}
     with pytest.raises(RnnlmError) as info:
         export(other, out)
     assert info.value.code == 2 and "another checkpoint" in info.value.message and "--force" in info.value.message
-    assert {p: file_sha256(out / p) for p in FLOAT_BUNDLE_FILES} == before
+    assert {p: file_sha256(out / p) for p in BUNDLE_FILES} == before
     export(other, out, force=True)
     assert read_manifest(out)["source"]["weights_sha256"] == file_sha256(other / "model.safetensors")
 
