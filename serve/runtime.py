@@ -14,19 +14,19 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from rnnlm.serve import portable
 from rnnlm.serve.bundle import Bundle, BundleError
 from rnnlm.serve.devices import CPU as CPU
 from rnnlm.serve.devices import CUDA as CUDA
 from rnnlm.serve.devices import cuda_unavailable as cuda_unavailable
 from rnnlm.serve.devices import gpu_present as gpu_present
 from rnnlm.serve.devices import providers_for as providers_for
-from rnnlm.serve.values import STATE_FORMAT as STATE_FORMAT
+from rnnlm.serve.portable import STATE_FORMAT as STATE_FORMAT
 from rnnlm.serve.values import Cancelled as Cancelled
 from rnnlm.serve.values import Context as Context
 from rnnlm.serve.values import ScoreResult as ScoreResult
 from rnnlm.serve.values import State as State
 from rnnlm.serve.values import StateError as StateError
-from rnnlm.serve.values import _state_digest
 
 from rnnlm.errors import RnnlmError
 from rnnlm.text import Token, Tokenizer, check_text
@@ -482,52 +482,13 @@ class LanguageModel:
 
     def export_context(self, ctx: Context) -> dict[str, Any]:
         """A context as JSON-ready data that ``import_context`` takes back, here or in another process
-        with the same bundle: the state's bytes (base64 of little-endian float32 arrays in the
-        manifest's order), the bundle's sha256, the token count, the last token, and a sha256 over
-        all of them that detects alteration and truncation (integrity, not authentication)."""
-        import base64
-
-        data = ctx.state.to_bytes()
-        out = {"format": STATE_FORMAT, "version": 1, "bundle_sha256": self.bundle_sha256, "tokens": ctx.tokens,
-               "last_token": ctx.last, "shapes": {s["input"]: [1, s["size"]] for s in self.states},
-               "state": base64.b64encode(data).decode("ascii")}
-        out["sha256"] = _state_digest(out, data)
-        return out
+        with the same bundle (the format: ``rnnlm.serve.portable``)."""
+        return portable.export_context(ctx, self.bundle_sha256, self.states)
 
     def import_context(self, exported: Any) -> Context:
         """The context ``export_context`` wrote; ``StateError`` with the reason when it comes from
         another bundle, has other shapes, was altered or truncated, or holds a value that is not finite."""
-        import base64
-        import binascii
-
-        if not isinstance(exported, dict) or exported.get("format") != STATE_FORMAT or exported.get("version") != 1:
-            raise StateError(f"not an exported state (expected format {STATE_FORMAT!r} version 1)")
-        if exported.get("bundle_sha256") != self.bundle_sha256:
-            raise StateError("the state was exported from another model (its bundle_sha256 differs from this "
-                             f"model's {self.bundle_sha256[:16]}...)")
-        shapes = {s["input"]: [1, s["size"]] for s in self.states}
-        if exported.get("shapes") != shapes:
-            raise StateError(f"the state's shapes {exported.get('shapes')} are not this model's {shapes}")
-        tokens, last = exported.get("tokens"), exported.get("last_token")
-        if type(tokens) is not int or tokens < 0 or type(last) is not int or not 0 <= last < len(self.vocab):
-            raise StateError(f"tokens must be an integer >= 0 and last_token a token id below {len(self.vocab)}")
-        try:
-            data = base64.b64decode(str(exported.get("state")), validate=True)
-        except (binascii.Error, ValueError):
-            raise StateError("the state's bytes are not valid base64") from None
-        want = 4 * sum(s["size"] for s in self.states)
-        if len(data) != want:
-            raise StateError(f"the state is {len(data)} bytes; this model's is {want} (truncated or foreign)")
-        if exported.get("sha256") != _state_digest(exported, data):
-            raise StateError("the state does not match its sha256: it was altered after export")
-        values = np.frombuffer(data, "<f4").astype(np.float32)
-        if not np.isfinite(values).all():
-            raise StateError("the state holds values that are not finite")
-        arrays, at = {}, 0
-        for s in self.states:
-            arrays[s["input"]] = values[at : at + s["size"]].reshape(1, s["size"]).copy()
-            at += s["size"]
-        return Context(State(arrays), last, tokens)
+        return portable.import_context(exported, self.bundle_sha256, self.states, len(self.vocab))
 
     # ------------------------------------------------------------------ generation
     def generate_ids(self, prompt: str, *, max_new_tokens: int = 50, temperature: float = 1.0, top_k: int | None = None,

@@ -51,9 +51,6 @@ class StateError(RnnlmError):
     """An exported state that this model cannot take: another bundle's, altered, truncated, not finite."""
 
 
-STATE_FORMAT = "rnnlm-state"
-
-
 @dataclass
 class Context:
     """Where a text stands: the recurrent state after every token but the last, and that last token
@@ -107,13 +104,3 @@ class ScoreResult:
         if self.level == "char":
             d["bpc"] = self.bpc
         return d
-
-
-def _state_digest(exported: dict[str, Any], data: bytes) -> str:
-    """sha256 over what an exported state says: the bundle, the counts, the shapes and the bytes."""
-    import hashlib
-    import json
-
-    head = json.dumps([exported.get("bundle_sha256"), exported.get("tokens"), exported.get("last_token"),
-                       exported.get("shapes")], sort_keys=True)
-    return hashlib.sha256(head.encode() + b"\0" + data).hexdigest()

@@ -24,7 +24,8 @@ import pytest
 from bundles import Built
 from fastapi.testclient import TestClient
 from rnnlm.serve import LanguageModel
-from rnnlm.serve.runtime import StateError, _state_digest
+from rnnlm.serve.portable import state_digest
+from rnnlm.serve.runtime import StateError
 from rnnlm.serve.server import ServerSettings, create_app
 from test_server import metric
 
@@ -94,7 +95,7 @@ def refusal(lm: LanguageModel, exported: Any) -> str:
 def redigest(exported: dict[str, Any], data: bytes) -> dict[str, Any]:
     """The export with other bytes and a digest that agrees: only the later checks can refuse it."""
     out = {**exported, "state": base64.b64encode(data).decode()}
-    out["sha256"] = _state_digest(out, data)
+    out["sha256"] = state_digest(out, data)
     return out
 
 
