@@ -19,6 +19,7 @@ import pytest
 import torch
 from bundles import CHUNK, VARIANTS, Built, no_data_dir
 from rnnlm.export import export_bundle
+from rnnlm.export.graphs import unflatten_state
 from rnnlm.export.passes import graphs_of
 from rnnlm.export.recurrence import DOMAIN
 
@@ -72,10 +73,9 @@ def test_a_sample_that_does_not_advance_keeps_its_state(built: Callable[[str, bo
     model, _ = load_model_dir(b.checkpoint)
     model.eval()
     sess = _score_session(b.bundle)
-    chunk = CHUNK
     rng = np.random.default_rng(0)
-    lengths = np.array([0, 3, chunk], np.int64)
-    tokens = rng.integers(0, model.cfg.vocab_size, (chunk, 3)).astype(np.int64)
+    lengths = np.array([0, 3, CHUNK], np.int64)
+    tokens = rng.integers(0, model.cfg.vocab_size, (CHUNK, 3)).astype(np.int64)
     state_names = [i.name for i in sess.get_inputs()[3:]]
     state = {n: rng.standard_normal((3, int(i.shape[1]))).astype(np.float32)
              for n, i in zip(state_names, sess.get_inputs()[3:], strict=True)}
@@ -85,13 +85,8 @@ def test_a_sample_that_does_not_advance_keeps_its_state(built: Callable[[str, bo
         np.testing.assert_array_equal(got["next_" + name][0], state[name][0], err_msg=name)
     for b_i in (1, 2):
         n = int(lengths[b_i])
-        start = [torch.from_numpy(state[name][b_i : b_i + 1]) for name in state_names]
-        layers, i = [], 0
-        for layer_state in model.init_state(1):
-            k = len(layer_state)
-            layers.append(type(layer_state)(*start[i : i + k]))
-            i += k
+        start = unflatten_state(model, tuple(torch.from_numpy(state[name][b_i : b_i + 1]) for name in state_names))
         with torch.no_grad():
-            _, final = model.hidden(torch.from_numpy(tokens[:n, b_i : b_i + 1]), tuple(layers))
+            _, final = model.hidden(torch.from_numpy(tokens[:n, b_i : b_i + 1]), start)
         for name, want in zip(state_names, flatten_state(final), strict=True):
             np.testing.assert_allclose(got["next_" + name][b_i], want[0].numpy(), atol=1e-5, rtol=0, err_msg=name)
