@@ -95,14 +95,16 @@ def step_graph_seconds(lm: LanguageModel, ids: list[int], sample: int) -> float:
     return (time.perf_counter() - t) * len(ids) / min(sample, len(ids))
 
 
-def advance_lms(bundles: list[Path], threads: list[int], session_threads: int) -> list[tuple[LanguageModel, float]]:
-    """Each bundle loaded once per advance thread count, with its advance session created: the
-    runtime and the seconds that creation took (with the check against the scoring graph)."""
+def advance_lms(bundles: list[Path], threads: list[str], session_threads: int) -> list[tuple[LanguageModel, float]]:
+    """Each bundle loaded once per advance thread count ("auto": the runtime's choice), with its
+    advance session created: the runtime and the seconds that creation took (with the check against
+    the scoring graph)."""
     out = []
     for b in bundles:
         for n in threads:
             lm = LanguageModel.load(b, threads=session_threads)
-            lm.advance_threads = n
+            if n != "auto":
+                lm.advance_threads = int(n)
             t = time.perf_counter()
             lm.session("advance")
             out.append((lm, time.perf_counter() - t))
@@ -177,8 +179,8 @@ def main() -> None:
     ap.add_argument("--no-http", action="store_true", help="in process only")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each in-process path (interleaved; median)")
     ap.add_argument("--no-score", action="store_true", help="skip the scoring graph's in-process run")
-    ap.add_argument("--advance-threads", default="1", help="intra-op threads of the advance session to compare "
-                    "(the runtime uses 1)")
+    ap.add_argument("--advance-threads", default="auto", help="intra-op threads of the advance session to compare, "
+                    "e.g. 1,2 (auto: the runtime's choice, serve.runtime.advance_threads)")
     args = ap.parse_args()
     prompt = one_mib(args.data)
     with tempfile.TemporaryDirectory() as tmp:
@@ -191,7 +193,7 @@ def main() -> None:
         print(f"model {bundles[0]} ({lm.bundle.manifest['cell']}, scoring chunk {lm.chunk}), {os.cpu_count()} cores, "
               f"onnxruntime {args.threads} threads; prompt {len(prompt):,} characters, {len(ids):,} tokens")
         step = step_graph_seconds(lm, ids, args.step_sample)
-        advancing = advance_lms(bundles, [int(n) for n in args.advance_threads.split(",")], args.threads)
+        advancing = advance_lms(bundles, args.advance_threads.split(","), args.threads)
         runners = [] if args.no_score else [functools.partial(lm.feed, lm.context(), ids)]
         runners += [functools.partial(m.advance, m.context(), ids) for m, _ in advancing]
         runs = interleaved(runners, args.repeat)

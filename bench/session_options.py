@@ -1,16 +1,19 @@
 """onnxruntime's session options on a bundle's advance (or scoring) graph: creation time and time per
 token at batch 1, for each optimisation level with and without memory reuse, side by side.
 
-    python bench/session_options.py BUNDLE [BUNDLE ...] [--graph advance|score] [--tokens 7680]
+    python bench/session_options.py BUNDLE [BUNDLE ...] [--graph advance|score] [--tokens 7680] [--threads 1,2]
 
 The runtime uses basic optimisations without memory reuse (serve/runtime.py, ``_session_options``);
-this is the measurement behind that choice for the Scan graphs. One intra-op thread, random token ids
-(the weights and ids do not change the time), the state carried from call to call as in reading a prompt.
+this is the measurement behind that choice for the Scan graphs. --threads lists the intra-op thread
+counts to compare (default one; serve.runtime.advance_threads chooses the advance graph's); random
+token ids (the weights and ids do not change the time), the state carried from call to call as in
+reading a prompt.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -25,9 +28,9 @@ LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
 SETS = [("basic", False), ("basic", True), ("extended", True), ("all", True)]
 
 
-def session(path: Path, level: str, reuse: bool) -> tuple[ort.InferenceSession, float]:
+def session(path: Path, level: str, reuse: bool, threads: int = 1) -> tuple[ort.InferenceSession, float]:
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     opts.graph_optimization_level, opts.enable_mem_reuse, opts.log_severity_level = LEVELS[level], reuse, 3
     t = time.perf_counter()
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -53,6 +56,7 @@ def main() -> None:
     ap.add_argument("bundles", nargs="+", type=Path)
     ap.add_argument("--graph", choices=["advance", "score"], default="advance")
     ap.add_argument("--tokens", type=int, default=7680)
+    ap.add_argument("--threads", default="1", help="intra-op thread counts to compare, e.g. 1,2")
     args = ap.parse_args()
     for bundle in args.bundles:
         manifest = json.loads((bundle / "manifest.json").read_text())
@@ -61,12 +65,13 @@ def main() -> None:
             continue
         ids = np.random.default_rng(0).integers(0, manifest["vocab"]["size"], args.tokens).astype(np.int64)
         path = bundle / manifest["graphs"][args.graph]["file"]
-        for level, reuse in SETS:
-            sess, created = session(path, level, reuse)
+        for threads, (level, reuse) in itertools.product([int(n) for n in args.threads.split(",")], SETS):
+            sess, created = session(path, level, reuse, threads)
             per_token(sess, manifest, args.graph, ids[:1024])  # warm-up
             best = min(per_token(sess, manifest, args.graph, ids) for _ in range(2))
-            print(f"{bundle} {args.graph}: {level:8s} reuse={reuse!s:5s} created in {created * 1e3:5.1f} ms, "
-                  f"{best * 1e6:6.1f} us/token", flush=True)
+            print(f"{bundle} {args.graph}: {threads} thread(s) {level:8s} reuse={reuse!s:5s} created in "
+                  f"{created * 1e3:5.1f} ms, {best * 1e6:6.1f} us/token", flush=True)
+            del sess  # one session's thread pool at a time
 
 
 if __name__ == "__main__":

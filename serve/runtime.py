@@ -32,7 +32,6 @@ from rnnlm.errors import RnnlmError
 from rnnlm.text import Token, Tokenizer, check_text
 
 MAX_NEW_TOKENS = 10_000  # the cap on one generate call
-ADVANCE_THREADS = 1  # intra-op threads of the advance graph's session (see LanguageModel.__init__)
 DTYPES = {"int64": "tensor(int64)", "float32": "tensor(float)"}
 
 
@@ -54,6 +53,19 @@ def _session_options(threads: int) -> ort.SessionOptions:
     return opts
 
 
+def advance_threads(manifest: dict[str, Any], threads: int) -> int:
+    """Intra-op threads of the advance graph's session, which reads a prompt as a chain of batch-1
+    steps, each reading every recurrent weight once. Float32 weights (1-1.5 MB at the default
+    sizes) overflow one core's L2 cache; split across ``threads`` cores, each keeps its share cached
+    and a step runs 1.15-1.65x faster. Quantized per-step products read a quarter of that, which fits
+    one core, and splitting them only adds synchronisation: those bundles read prompts on one thread,
+    leaving the other cores to the server's other requests (bench/RESULTS.md, "Threads of the
+    advance graph")."""
+    products = (manifest.get("quantization") or {}).get("products", [])
+    per_step = [p for p in products if p.get("graph") == "score" and p.get("rows_per_call") == 1]
+    return 1 if any(p.get("chosen", "fp32") != "fp32" for p in per_step) else threads
+
+
 class LanguageModel:
     """A bundle loaded into onnxruntime. Build it with ``LanguageModel.load(path)``."""
 
@@ -72,11 +84,9 @@ class LanguageModel:
         # prompt of at least one advance chunk, never at load, so cold start does not pay for it.
         self.advance_chunk = bundle.advance_chunk
         self.states = m["state"]
-        self._options = _session_options(threads or (os.cpu_count() or 1))
-        # Reading one prompt is a chain of batch-1 steps, each too small to split across cores: the
-        # advance graph runs on one thread (measured: bench/RESULTS.md, "Reading prompts through the
-        # advance graph"), which also leaves the other cores to the server and to other requests.
-        self.advance_threads = ADVANCE_THREADS
+        self.threads = threads or (os.cpu_count() or 1)
+        self._options = _session_options(self.threads)
+        self.advance_threads = advance_threads(m, self.threads)
         self.providers = providers_for(device)
         self._sessions: dict[str, ort.InferenceSession] = {}
         # On CUDA, generation keeps the recurrent state on the device between steps (IOBinding);

@@ -101,6 +101,29 @@ def test_session_is_created_on_the_first_long_prompt(lstm: Built) -> None:
     assert "advance" in lm._sessions
 
 
+def advance_session_threads(bundle: Path) -> int:
+    lm = LanguageModel.load(bundle, device="cpu", threads=2)
+    lm.advance(lm.context(), [lm.eos_id] * C)
+    return lm._sessions["advance"].get_session_options().intra_op_num_threads
+
+
+@pytest.mark.parametrize(("per_step_form", "threads"), [(None, 2), ("fp32", 2), ("int8", 1), ("nbits4-b32-a4", 1)])
+def test_advance_threads_follow_the_recurrent_products_form(lstm: Built, tmp_path: Path, per_step_form: str | None,
+                                                            threads: int) -> None:
+    """Float32 recurrent weights are read on every thread (they overflow one core's cache);
+    quantized ones on one (bench/RESULTS.md, "Threads of the advance graph"). The decoder's form does
+    not count: it is not in the advance graph."""
+    bundle = shutil.copytree(lstm.bundle, tmp_path / "b")
+    if per_step_form is not None:
+        m = read_manifest(bundle)
+        m["quantization"] = {"products": [
+            {"graph": "score", "shape": [16, 40], "rows_per_call": 32, "chosen": "int8"},  # the decoder
+            {"graph": "step", "shape": [16, 64], "rows_per_call": 1, "chosen": "int8"},
+            {"graph": "score", "shape": [16, 64], "rows_per_call": 1, "chosen": per_step_form}]}
+        write_manifest(bundle, m)
+    assert advance_session_threads(bundle) == threads
+
+
 def test_generation_is_the_same_with_and_without_it(lm: LanguageModel, lstm: Built, tmp_path: Path) -> None:
     old = LanguageModel.load(old_bundle(lstm.bundle, tmp_path / "old"), device="cpu")
     assert old.advance_chunk == 0
