@@ -192,9 +192,12 @@ def test_hyperlstm_paper_initialisation(layer_norm: bool) -> None:
     _assert_orthogonal_blocks(cell.hyper.hidden_proj.weight, 4)  # hyper cell: orthogonal...
     _assert_orthogonal_blocks(cell.hyper.input_proj.weight, 4)
     assert not cell.hyper.input_proj.bias.any()  # ...with zero biases
-    # With this init the main cell's effective scale is d = sum_z 1 * 0.1 / N_z = 0.1 for every row.
-    zh = cell.z_h(torch.randn(2, Nh)).reshape(2, 4, Nz)
-    torch.testing.assert_close(cell._scale(zh, cell.d_h), torch.full((2, 4, Hs), 0.1))
+    # With this init the main cell's effective scales are d = sum_z 1 * 0.1 / N_z = 0.1 for every row,
+    # and its bias W_bz z_b + b_0 is zero.
+    d_h, d_x, b = cell.scales(torch.randn(2, Nh))
+    torch.testing.assert_close(d_h, torch.full((2, 4 * Hs), 0.1))
+    torch.testing.assert_close(d_x, torch.full((2, 4 * Hs), 0.1))
+    assert not b.any()
 
 
 # ------------------------------------------------------------------------------------------ 8. RHN
