@@ -105,7 +105,7 @@ class RHNCell(nn.Module):
             h_pre, t_pre = pre.split(self.hidden_size, dim=-1)  # one ONNX Split of constant sizes
             h = self.candidate_dropout(torch.tanh(h_pre))
             t = torch.sigmoid(t_pre)
-            s = h * t + s * (1.0 - t)
+            s = s + t * (h - s)  # = h ⊙ t + s ⊙ (1 - t) in three operations, not four
         return s, RHNState(s)
 
     def forward(self, x: Tensor, state: RHNState) -> tuple[Tensor, RHNState]:
