@@ -272,19 +272,19 @@ def export_bundle(
     _check_destination(out_dir, source, force)
     cfg = model.cfg
     states = state_layout(model)
-    step_spec, score_spec = spec.step_graph(states, cfg.vocab_size), spec.score_graph(states, chunk)
+    step_spec, score_spec = spec.step_graph(states, cfg.vocab_size), spec.score_graph(states)
 
     with staging_dir(out_dir.parent, out_dir.name) as tmp:
         step_path, score_path = tmp / spec.STEP_FILE, tmp / spec.SCORE_FILE
         graphs = {"step": _trace(StepGraph(model).eval(), _example_args(states, None), step_spec, step_path, opset),
                   # A quantized bundle's LSTM layers are Scans: their products can then be quantized
-                  "score": _trace(ScoreGraph(model, chunk).eval(), _example_args(states, chunk), score_spec, score_path, opset,
+                  "score": _trace(ScoreGraph(model).eval(), _example_args(states, chunk), score_spec, score_path, opset,
                                   fuse_lstm=not quantize)}
         vocab.save(tmp / spec.VOCAB_FILE)
         advance = None
         if advance_chunk:
-            advance = (spec.advance_graph(states, advance_chunk), advance_chunk)
-            graphs["advance"] = _trace(AdvanceGraph(model, advance_chunk).eval(), _advance_args(states, advance_chunk),
+            advance = (spec.advance_graph(states), advance_chunk)
+            graphs["advance"] = _trace(AdvanceGraph(model).eval(), _advance_args(states, advance_chunk),
                                        advance[0], tmp / spec.ADVANCE_FILE, opset, fuse_lstm=not quantize)
         stage = functools.partial(_manifest, cfg, vocab, states, step_spec, score_spec, chunk, opset, source, tmp,
                                   advance=advance)

@@ -52,12 +52,12 @@ class ScoreGraph(nn.Module):
     lines is mostly made of) never reaches the 10,000-way product. Padding positions return 0.
     """
 
-    def __init__(self, model: LanguageModel, chunk: int) -> None:
+    def __init__(self, model: LanguageModel) -> None:
         super().__init__()
-        self.model, self.chunk = model, chunk
+        self.model = model
 
     def forward(self, token_ids: Tensor, targets: Tensor, lengths: Tensor, *flat_state: Tensor) -> tuple[Tensor, ...]:
-        steps = torch.arange(self.chunk, device=token_ids.device).unsqueeze(1)  # (C, 1)
+        steps = torch.arange(token_ids.shape[0], device=token_ids.device).unsqueeze(1)  # (C, 1): C is dynamic
         keep = steps < lengths.unsqueeze(0)  # (C, B)
         hidden, state = self.model.hidden(token_ids, unflatten_state(self.model, flat_state), keep.unsqueeze(-1),
                                           sequence=placeholder_sequence)
@@ -76,12 +76,12 @@ class AdvanceGraph(nn.Module):
     (about five times the recurrence's work at the default size) are left out. Sample b advances
     lengths[b] steps and its state is frozen after that, exactly as in ``ScoreGraph``."""
 
-    def __init__(self, model: LanguageModel, chunk: int) -> None:
+    def __init__(self, model: LanguageModel) -> None:
         super().__init__()
-        self.model, self.chunk = model, chunk
+        self.model = model
 
     def forward(self, token_ids: Tensor, lengths: Tensor, *flat_state: Tensor) -> tuple[Tensor, ...]:
-        steps = torch.arange(self.chunk, device=token_ids.device).unsqueeze(1)  # (C, 1)
+        steps = torch.arange(token_ids.shape[0], device=token_ids.device).unsqueeze(1)  # (C, 1): C is dynamic
         keep = (steps < lengths.unsqueeze(0)).unsqueeze(-1)  # (C, B, 1)
         _, state = self.model.hidden(token_ids, unflatten_state(self.model, flat_state), keep, sequence=placeholder_sequence)
         return tuple(flatten_state(state))

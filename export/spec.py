@@ -6,15 +6,18 @@ Step graph (generation, one token per sequence):
     token_ids int64 [batch]  +  state.<layer>.<field> float32 [batch, size] ...
       -> logprobs float32 [batch, vocab]  +  next_state.<layer>.<field> float32 [batch, size] ...
 
-Scoring graph (exact scoring, ``chunk`` steps per call):
-    token_ids int64 [chunk, batch], targets int64 [chunk, batch], lengths int64 [batch], state...
-      -> target_logprobs float32 [chunk, batch]  +  next_state...
-    Sequence b advances lengths[b] steps (0 <= lengths[b] <= chunk); its state is frozen after that,
+Scoring graph (exact scoring, up to ``chunk`` steps per call):
+    token_ids int64 [steps, batch], targets int64 [steps, batch], lengths int64 [batch], state...
+      -> target_logprobs float32 [steps, batch]  +  next_state...
+    Sequence b advances lengths[b] steps (0 <= lengths[b] <= steps); its state is frozen after that,
     and target_logprobs[t, b] for t >= lengths[b] is padding (0). So a file of any length, or a
-    batch of lines of different lengths, is scored exactly by full and partial chunks.
+    batch of lines of different lengths, is scored exactly by full and partial chunks. ``steps`` is
+    dynamic: a call runs as many steps as its longest sequence needs, up to the manifest's ``chunk``
+    (the length the graph was validated and its products measured at). In bundles exported before it
+    was dynamic the manifest states the axis as the integer ``chunk``, and every call gets that many.
 
-Advance graph (reading a prompt, ``advance_chunk`` steps per call; optional, absent from older bundles):
-    token_ids int64 [chunk, batch], lengths int64 [batch], state...  ->  next_state...
+Advance graph (reading a prompt, up to ``advance_chunk`` steps per call; optional, absent from older bundles):
+    token_ids int64 [steps, batch], lengths int64 [batch], state...  ->  next_state...
     The scoring graph's recurrence without the vocabulary projection: what reading tokens whose
     log-probabilities nobody asked for needs (the state after them). Sequence b advances lengths[b]
     steps, as in the scoring graph, so the two give the same state.
@@ -29,7 +32,7 @@ MIN_OPSET = 17  # LayerNormalization is native from opset 17
 DEFAULT_OPSET = 18
 DEFAULT_CHUNK = 32
 STEP_FILE, SCORE_FILE, VOCAB_FILE, MANIFEST_FILE = "step.onnx", "score.onnx", "vocab.txt", "manifest.json"
-BATCH, CHUNK, VOCAB = "batch", "chunk", "vocab"
+BATCH, CHUNK, STEPS, VOCAB = "batch", "chunk", "steps", "vocab"
 ADVANCE_FILE = "advance.onnx"
 DEFAULT_ADVANCE_CHUNK = 128  # measured: bench/RESULTS.md, "Reading prompts through the advance graph"
 
@@ -93,23 +96,23 @@ def step_graph(states: list[StateSpec], vocab_size: int, file: str = STEP_FILE) 
     )
 
 
-def score_graph(states: list[StateSpec], chunk: int, file: str = SCORE_FILE) -> GraphSpec:
+def score_graph(states: list[StateSpec], file: str = SCORE_FILE) -> GraphSpec:
     return GraphSpec(
         file,
         (
-            TensorSpec("token_ids", "int64", (chunk, BATCH)),
-            TensorSpec("targets", "int64", (chunk, BATCH)),
+            TensorSpec("token_ids", "int64", (STEPS, BATCH)),
+            TensorSpec("targets", "int64", (STEPS, BATCH)),
             TensorSpec("lengths", "int64", (BATCH,)),
             *_states_in(states),
         ),
-        (TensorSpec("target_logprobs", "float32", (chunk, BATCH)), *_states_out(states)),
+        (TensorSpec("target_logprobs", "float32", (STEPS, BATCH)), *_states_out(states)),
     )
 
 
-def advance_graph(states: list[StateSpec], chunk: int, file: str = ADVANCE_FILE) -> GraphSpec:
+def advance_graph(states: list[StateSpec], file: str = ADVANCE_FILE) -> GraphSpec:
     return GraphSpec(
         file,
-        (TensorSpec("token_ids", "int64", (chunk, BATCH)), TensorSpec("lengths", "int64", (BATCH,)), *_states_in(states)),
+        (TensorSpec("token_ids", "int64", (STEPS, BATCH)), TensorSpec("lengths", "int64", (BATCH,)), *_states_in(states)),
         _states_out(states),
     )
 

@@ -159,6 +159,10 @@ class LanguageModel:
                 if DTYPES[t["dtype"]] != a.type or len(t["shape"]) != len(a.shape):
                     raise BundleError(f"{path}: {kind} {a.name} is {a.type} of rank {len(a.shape)}, "
                                       f"the manifest says {t['dtype']} of rank {len(t['shape'])}")
+                fixed = [i for i, (d, g) in enumerate(zip(t["shape"], a.shape, strict=True)) if isinstance(d, str) and isinstance(g, int)]
+                if fixed:  # the runtime would feed that axis sizes the graph refuses
+                    raise BundleError(f"{path}: {kind} {a.name} has axis {fixed[0]} fixed at {a.shape[fixed[0]]}, "
+                                      f"the manifest says it is dynamic ({t['shape'][fixed[0]]})")
         if key == "step":
             logits_dim = sess.get_outputs()[0].shape[-1]
             if logits_dim != len(self.vocab):
@@ -248,6 +252,7 @@ class LanguageModel:
         arrays = dict((state or self.initial_state(B)).arrays)
         out = np.zeros((L, B), np.float32) if targets is not None else None
         sess = self.session(key)
+        fixed = self._fixed_steps(key)
         for start in range(0, max(L, 1), C):
             if cancelled is not None and cancelled():
                 raise Cancelled("the request was cancelled")
@@ -256,11 +261,12 @@ class LanguageModel:
                 break
             every = len(cols) == B
             n = min(C, L - start)
-            feed = {"token_ids": _window(inputs, start, n, C, None if every else cols),
+            rows = C if fixed else n  # a graph with a dynamic step axis runs only the steps that hold tokens
+            feed = {"token_ids": _window(inputs, start, n, rows, None if every else cols),
                     "lengths": np.clip(lengths[cols] - start, 0, C).astype(np.int64),
                     **(arrays if every else {k: v[cols] for k, v in arrays.items()})}
             if targets is not None:
-                feed["targets"] = _window(targets, start, n, C, None if every else cols)
+                feed["targets"] = _window(targets, start, n, rows, None if every else cols)
             results = sess.run(None, feed)
             new = results[1:] if out is not None else results
             if out is not None:
@@ -272,6 +278,11 @@ class LanguageModel:
                     arrays[s["input"]] = arrays[s["input"]].copy()
                     arrays[s["input"]][cols] = v
         return out, State(arrays)
+
+    def _fixed_steps(self, key: str) -> bool:
+        """Whether graph ``key`` takes exactly its chunk of steps per call (bundles exported before
+        its step axis was dynamic state it as an integer), rather than any number up to it."""
+        return not isinstance(self.bundle.manifest["graphs"][key]["inputs"][0]["shape"][0], str)
 
     def score_tokens(self, tokens: Iterable[Token], *, per_token: bool = False, block: int = 4096,
                      progress: Callable[[int], None] | None = None,
@@ -614,8 +625,8 @@ class BoundStepper:
         return outputs[0].numpy()
 
 
-def _window(a: np.ndarray, start: int, n: int, C: int, cols: np.ndarray | None) -> np.ndarray:
-    """Rows start..start+n of ``a`` (L, B) (of columns ``cols``; all when None), zero-padded to C rows."""
-    x = np.zeros((C, a.shape[1] if cols is None else len(cols)), np.int64)
+def _window(a: np.ndarray, start: int, n: int, rows: int, cols: np.ndarray | None) -> np.ndarray:
+    """Rows start..start+n of ``a`` (L, B) (of columns ``cols``; all when None), zero-padded to ``rows`` rows."""
+    x = np.zeros((rows, a.shape[1] if cols is None else len(cols)), np.int64)
     x[:n] = a[start : start + n] if cols is None else a[start : start + n, cols]
     return x

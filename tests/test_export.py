@@ -143,8 +143,8 @@ def test_bundle_is_validated_self_describing_and_safe(built: Callable[[str, bool
     # ... and they are spec.py's, which the exporter and validator read.
     layout = [spec.StateSpec(s["layer"], s["field"], s["size"]) for s in m["state"]]
     assert spec.step_graph(layout, V).input_names == step_in and spec.step_graph(layout, V).output_names == step_out
-    assert spec.score_graph(layout, CHUNK).input_names == score_in
-    assert spec.score_graph(layout, CHUNK).output_names == score_out
+    assert spec.score_graph(layout).input_names == score_in
+    assert spec.score_graph(layout).output_names == score_out
 
     assert m["opset"] >= spec.MIN_OPSET == 17
     for name, inputs, outputs in (("step.onnx", step_in, step_out), ("score.onnx", score_in, score_out)):

@@ -152,6 +152,53 @@ def test_a_batch_of_mixed_lengths_equals_each_column_alone(lm: LanguageModel) ->
             assert all(np.all(v[b] == 0) for v in state.arrays.values())
 
 
+def recorded_steps(lm: LanguageModel) -> list[int]:
+    """Patch ``lm``'s scoring session to record the steps (rows of token_ids) of every call."""
+    sess, steps = lm.session("score"), []
+    run = sess.run
+
+    def recording(names, feed, *rest):  # type: ignore[no-untyped-def]
+        steps.append(feed["token_ids"].shape[0])
+        return run(names, feed, *rest)
+
+    sess.run = recording  # type: ignore[method-assign]
+    return steps
+
+
+@pytest.mark.parametrize("fixed", [False, True], ids=["dynamic-steps", "fixed-steps"])
+def test_calls_run_only_the_steps_that_hold_tokens(lstm_bundle: Path, tmp_path: Path, fixed: bool) -> None:
+    """The scoring graph's step axis is dynamic: a call gets as many steps as its longest column
+    needs, not the whole chunk. A manifest that states the axis as the integer chunk (a bundle
+    exported before) gets padded calls of exactly that length, with the same results."""
+    bundle = shutil.copytree(lstm_bundle, tmp_path / "b")
+    if fixed:
+        m = read_manifest(bundle)
+        for t in m["graphs"]["score"]["inputs"][:2] + m["graphs"]["score"]["outputs"][:1]:
+            t["shape"][0] = CHUNK
+        write_manifest(bundle, m)
+    lm = LanguageModel.load(bundle, threads=1)
+    steps = recorded_steps(lm)
+    seqs = [[5, 6, 7], [8, 9], list(range(4, 4 + CHUNK + 3))]
+    got = lm.sequence_logprobs(seqs, batch_size=2)
+    assert steps == ([CHUNK, CHUNK, CHUNK] if fixed else [3, CHUNK, 3])  # [5 6 7]+[8 9]; then 35 = 32 + 3
+    for ids, lp in zip(seqs, got, strict=True):
+        np.testing.assert_allclose(lp, step_reference(lm, ids), atol=1e-5)
+
+
+def test_a_graph_whose_dynamic_axis_is_fixed_is_refused(lstm_bundle: Path, tmp_path: Path) -> None:
+    """The runtime feeds a dynamic axis any size: a graph that fixes it, under a manifest that says
+    it is dynamic, is refused at load, not at the first short call."""
+    import onnx
+
+    bundle = shutil.copytree(lstm_bundle, tmp_path / "b")
+    model = onnx.load(str(bundle / "score.onnx"))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = CHUNK
+    onnx.save(model, str(bundle / "score.onnx"))
+    rehash(bundle, "score.onnx")
+    with pytest.raises(BundleError, match=f"token_ids has axis 0 fixed at {CHUNK}, the manifest says it is dynamic"):
+        LanguageModel.load(bundle, threads=1)
+
+
 @pytest.mark.parametrize("batch_size", [1, 3, 64])
 def test_score_lines_equals_each_line_alone(lm: LanguageModel, batch_size: int) -> None:
     lines = [*LINES[:3], "", *LINES[3:], "   ", LINES[1]]
