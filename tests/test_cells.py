@@ -174,6 +174,21 @@ def _assert_orthogonal_blocks(weight: Tensor, blocks: int) -> None:
         torch.testing.assert_close(gram, torch.eye(min(rows, cols), dtype=torch.float64), atol=1e-5, rtol=0)
 
 
+def test_hyperlstm_embeddings_are_its_three_maps_in_one_product() -> None:
+    """The one product of ``_embeddings`` is [z_h; z_x; z_b] as each map gives it, and a copy whose
+    maps torch swapped for dynamic int8 ones (what a PyTorch user tries first) still runs."""
+    torch.manual_seed(0)
+    cell = HyperLSTMCell(24, 16, hyper_size=16, hyper_embed=4)
+    for m in (cell.z_h, cell.z_x, cell.z_b):
+        nn.init.normal_(m.weight)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(cell._embeddings(x), torch.cat([cell.z_h(x), cell.z_x(x), cell.z_b(x)], dim=-1))
+    q = torch.ao.quantization.quantize_dynamic(cell, {nn.Linear}, dtype=torch.qint8)
+    assert type(q.z_h) is not nn.Linear
+    for a, b in zip(q.scales(x), cell.scales(x), strict=True):
+        torch.testing.assert_close(a, b, atol=0.05 * float(b.abs().max()), rtol=0)
+
+
 @pytest.mark.parametrize("layer_norm", [False, True], ids=["plain", "ln"])
 def test_hyperlstm_paper_initialisation(layer_norm: bool) -> None:
     Hs, Nh, Nz, In = 16, 16, 4, 24

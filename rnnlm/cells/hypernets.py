@@ -107,13 +107,22 @@ class HyperLSTMCell(nn.Module):
         instead of 18 (a step's nodes are what a batch-1 step costs in onnxruntime). The
         concatenated weights are parameters only, folded into constants when exported."""
         Nz, H = self.hyper_embed, self.hidden_size
-        w = torch.cat((self.z_h.weight, self.z_x.weight, self.z_b.weight))  # (12 N_z, N_hyper)
-        bias = torch.cat((self.z_h.bias, self.z_x.bias, self.z_h.bias.new_zeros(4 * Nz)))  # W_ĥb has none
-        z = F.linear(hyper_out, w, bias).reshape(-1, 12, Nz).transpose(0, 1)  # (12, B, N_z)
+        z = self._embeddings(hyper_out).reshape(-1, 12, Nz).transpose(0, 1)  # (12, B, N_z)
         d = torch.cat((self.d_h, self.d_x, self.d_b))  # (12, N_z, H)
         u = torch.matmul(z, d).transpose(0, 1).reshape(-1, 3 * 4 * H)  # (B, [kind, gate, H])
         d_h, d_x, d_b = u.split(4 * H, dim=-1)  # not Einsum: slow to load in onnxruntime
         return d_h, d_x, d_b + self.bias.reshape(-1)
+
+    def _embeddings(self, hyper_out: Tensor) -> Tensor:
+        """[z_h; z_x; z_b] (B, 12 N_z): one product while the three maps are plain ``nn.Linear``
+        layers; a copy whose layers were swapped for others (``torch.ao.quantization.quantize_dynamic``
+        swaps in its own) calls each."""
+        maps = (self.z_h, self.z_x, self.z_b)
+        if not all(type(m) is nn.Linear for m in maps):
+            return torch.cat([m(hyper_out) for m in maps], dim=-1)
+        w = torch.cat((self.z_h.weight, self.z_x.weight, self.z_b.weight))  # (12 N_z, N_hyper)
+        bias = torch.cat((self.z_h.bias, self.z_x.bias, self.z_h.bias.new_zeros(4 * self.hyper_embed)))  # W_ĥb has none
+        return F.linear(hyper_out, w, bias)
 
     def step(self, px: Tensor, hx: Tensor, state: HyperState, w_hyper_h: Tensor | None = None) -> tuple[Tensor, HyperState]:
         """One step from hoisted input projections: px = W_x x (B, 4H) and hx = the hyper cell's
