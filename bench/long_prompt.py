@@ -180,7 +180,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="runs of each in-process path (interleaved; median)")
     ap.add_argument("--no-score", action="store_true", help="skip the scoring graph's in-process run")
     ap.add_argument("--advance-threads", default="auto", help="intra-op threads of the advance session to compare, "
-                    "e.g. 1,2 (auto: the runtime's choice, serve.runtime.advance_threads)")
+                    "e.g. 1,2 (auto: the runtime's choice, serve.graphs.advance_threads)")
     args = ap.parse_args()
     prompt = one_mib(args.data)
     with tempfile.TemporaryDirectory() as tmp:

@@ -5,7 +5,7 @@ token at batch 1, for each optimisation level with and without memory reuse, sid
 
 The runtime uses basic optimisations without memory reuse (serve/runtime.py, ``_session_options``);
 this is the measurement behind that choice for the Scan graphs. --threads lists the intra-op thread
-counts to compare (default one; serve.runtime.advance_threads chooses the advance graph's); random
+counts to compare (default one; serve.graphs.advance_threads chooses the advance graph's); random
 token ids (the weights and ids do not change the time), the state carried from call to call as in
 reading a prompt.
 """

@@ -38,3 +38,17 @@ def providers_for(device: str) -> list[str]:
     if device == "cuda":
         raise RnnlmError(f"--device cuda: {reason}; use --device cpu or auto")
     return [CPU]
+
+
+def device_note(asked: str, providers: list[str], on_gpu: bool) -> str | None:
+    """After the first session: refuse ``cuda`` when onnxruntime fell back to the CPU (say, CUDA
+    libraries missing); for ``auto`` on a machine with a GPU, the one line that says why it runs on
+    the CPU; otherwise None."""
+    if CUDA in providers and not on_gpu:
+        if asked == "cuda":
+            raise RnnlmError("--device cuda: onnxruntime could not start its CUDA provider (are the CUDA and "
+                             "cuDNN libraries installed?); use --device cpu or auto")
+        return "--device auto: onnxruntime could not start its CUDA provider; running on the CPU"
+    if asked == "auto" and not on_gpu and gpu_present():  # a GPU it cannot use; without one, CPU is no fallback
+        return f"--device auto: {cuda_unavailable()}; running on the CPU"
+    return None

@@ -14,13 +14,15 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from rnnlm.serve import portable
+from rnnlm.serve import chunks, portable
 from rnnlm.serve.bundle import Bundle, BundleError
 from rnnlm.serve.devices import CPU as CPU
 from rnnlm.serve.devices import CUDA as CUDA
 from rnnlm.serve.devices import cuda_unavailable as cuda_unavailable
+from rnnlm.serve.devices import device_note
 from rnnlm.serve.devices import gpu_present as gpu_present
 from rnnlm.serve.devices import providers_for as providers_for
+from rnnlm.serve.graphs import BoundStepper, advance_threads, check_io, fixed_steps, session_options
 from rnnlm.serve.portable import STATE_FORMAT as STATE_FORMAT
 from rnnlm.serve.values import Cancelled as Cancelled
 from rnnlm.serve.values import Context as Context
@@ -32,38 +34,6 @@ from rnnlm.errors import RnnlmError
 from rnnlm.text import Token, Tokenizer, check_text
 
 MAX_NEW_TOKENS = 10_000  # the cap on one generate call
-DTYPES = {"int64": "tensor(int64)", "float32": "tensor(float)"}
-
-
-def _session_options(threads: int) -> ort.SessionOptions:
-    """The onnxruntime options of every session, with ``threads`` intra-op threads."""
-    opts = ort.SessionOptions()
-    # Measured (bench/RESULTS.md): on the unrolled graphs of older bundles (thousands of small nodes)
-    # onnxruntime's memory-reuse planner took seconds while saving no run time; on the Scan graphs
-    # (export.recurrence) basic, extended and all optimisation levels, with or without memory reuse,
-    # show no consistent difference (bench/session_options.py). Basic optimisations, no reuse planning.
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    opts.enable_mem_reuse = False
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.log_severity_level = 4  # a CUDA provider that cannot start is reported in one line, not ORT's log
-    opts.inter_op_num_threads = 1
-    # Deliberate: one intra-op thread per core; the recurrent step is small, so more threads than
-    # cores only adds synchronisation.
-    opts.intra_op_num_threads = threads
-    return opts
-
-
-def advance_threads(manifest: dict[str, Any], threads: int) -> int:
-    """Intra-op threads of the advance graph's session, which reads a prompt as a chain of batch-1
-    steps, each reading every recurrent weight once. Float32 weights (1-1.5 MB at the default
-    sizes) overflow one core's L2 cache; split across ``threads`` cores, each keeps its share cached
-    and a step runs 1.15-1.65x faster. Quantized per-step products read a quarter of that, which fits
-    one core, and splitting them only adds synchronisation: those bundles read prompts on one thread,
-    leaving the other cores to the server's other requests (bench/RESULTS.md, "Threads of the
-    advance graph")."""
-    products = (manifest.get("quantization") or {}).get("products", [])
-    per_step = [p for p in products if p.get("graph") == "score" and p.get("rows_per_call") == 1]
-    return 1 if any(p.get("chosen", "fp32") != "fp32" for p in per_step) else threads
 
 
 class LanguageModel:
@@ -85,7 +55,7 @@ class LanguageModel:
         self.advance_chunk = bundle.advance_chunk
         self.states = m["state"]
         self.threads = threads or (os.cpu_count() or 1)
-        self._options = _session_options(self.threads)
+        self._options = session_options(self.threads)
         self.advance_threads = advance_threads(m, self.threads)
         self.providers = providers_for(device)
         self._sessions: dict[str, ort.InferenceSession] = {}
@@ -93,22 +63,9 @@ class LanguageModel:
         # only the token ids go in and the log-probabilities come out.
         self.bind_state = "CUDAExecutionProvider" in self.providers
         self.session("score")  # refuse a broken bundle at load time, whichever graph it is;
-        self.device_note = self._check_device(device)
+        self.device_note = device_note(device, self.providers, self.device == "cuda")
         if eager:  # the step graph is checked when first used unless asked for now
             self.session("step")
-
-    def _check_device(self, device: str) -> str | None:
-        """Refuse ``cuda`` when onnxruntime fell back to the CPU (say, CUDA libraries missing); for
-        ``auto`` on a machine with a GPU, the one line that says why it runs on the CPU."""
-        on_gpu = self.device == "cuda"
-        if CUDA in self.providers and not on_gpu:
-            if device == "cuda":
-                raise RnnlmError("--device cuda: onnxruntime could not start its CUDA provider (are the CUDA and "
-                                 "cuDNN libraries installed?); use --device cpu or auto")
-            return "--device auto: onnxruntime could not start its CUDA provider; running on the CPU"
-        if device == "auto" and not on_gpu and gpu_present():  # a GPU it cannot use; without one, CPU is no fallback
-            return f"--device auto: {cuda_unavailable()}; running on the CPU"
-        return None
 
     @property
     def device(self) -> str:
@@ -122,11 +79,12 @@ class LanguageModel:
             path = self.bundle.file(key)
             data = self.bundle.verified_bytes(path.name)  # the bytes that were hashed are the bytes that run
             try:
-                opts = self._options if key != "advance" else _session_options(self.advance_threads)
+                opts = self._options if key != "advance" else session_options(self.advance_threads)
                 sess = ort.InferenceSession(data, opts, providers=self.providers)
             except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf types
                 raise BundleError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})") from None
-            self._check_io(key, sess)
+            check_io(path, self.bundle.manifest["graphs"][key], sess)
+            self._check_vocab(key, sess)
             self._sessions[key] = sess
             try:
                 self._check_probe(key)
@@ -148,30 +106,27 @@ class LanguageModel:
         return lm
 
     # ------------------------------------------------------------------ checks on load
-    def _check_io(self, key: str, sess: ort.InferenceSession) -> None:
-        path = self.bundle.file(key)
-        spec = self.bundle.manifest["graphs"][key]
-        for kind, declared, actual in (("input", spec["inputs"], sess.get_inputs()), ("output", spec["outputs"], sess.get_outputs())):
-            if [t["name"] for t in declared] != [a.name for a in actual]:
-                raise BundleError(f"{path}: graph {kind}s {[a.name for a in actual]} do not match "
-                                  f"the manifest {[t['name'] for t in declared]}")
-            for t, a in zip(declared, actual, strict=True):
-                if DTYPES[t["dtype"]] != a.type or len(t["shape"]) != len(a.shape):
-                    raise BundleError(f"{path}: {kind} {a.name} is {a.type} of rank {len(a.shape)}, "
-                                      f"the manifest says {t['dtype']} of rank {len(t['shape'])}")
-                fixed = [i for i, (d, g) in enumerate(zip(t["shape"], a.shape, strict=True)) if isinstance(d, str) and isinstance(g, int)]
-                if fixed:  # the runtime would feed that axis sizes the graph refuses
-                    raise BundleError(f"{path}: {kind} {a.name} has axis {fixed[0]} fixed at {a.shape[fixed[0]]}, "
-                                      f"the manifest says it is dynamic ({t['shape'][fixed[0]]})")
+    def _check_vocab(self, key: str, sess: ort.InferenceSession) -> None:
+        """The vocabulary's size against what the model predicts: the step graph's logits, or (the
+        scoring graph returns only targets) the manifest's statement of them."""
         if key == "step":
             logits_dim = sess.get_outputs()[0].shape[-1]
-            if logits_dim != len(self.vocab):
-                raise BundleError(f"{self.bundle.path / 'vocab.txt'}: {len(self.vocab)} tokens, but the model predicts {logits_dim}")
-        else:  # the scoring graph returns only targets: its vocabulary size is the step graph's logits
+            where = ""
+        else:
             logits_dim = self.bundle.manifest["graphs"]["step"]["outputs"][0]["shape"][-1]
-            if logits_dim != len(self.vocab):
-                raise BundleError(f"{self.bundle.path / 'vocab.txt'}: {len(self.vocab)} tokens, but the model predicts "
-                                  f"{logits_dim} (manifest)")
+            where = " (manifest)"
+        if logits_dim != len(self.vocab):
+            raise BundleError(f"{self.bundle.path / 'vocab.txt'}: {len(self.vocab)} tokens, but the model predicts "
+                              f"{logits_dim}{where}")
+
+    def _run_chunks(self, key: str, C: int, inputs: np.ndarray, targets: np.ndarray | None, lengths: np.ndarray,
+                    state: State | None, cancelled: Callable[[], bool] | None) -> tuple[np.ndarray | None, State]:
+        """Graph ``key`` ("score" or "advance") over (L, B) inputs, ``C`` steps per call at most
+        (``chunks.run_chunks``): target log-probabilities (None without targets) and the final state."""
+        arrays = dict((state or self.initial_state(inputs.shape[1])).arrays)
+        out, arrays = chunks.run_chunks(self.session(key), self.states, C, fixed_steps(self.bundle.manifest["graphs"][key]),
+                                        inputs, targets, lengths, arrays, cancelled)
+        return out, State(arrays)
 
     def _check_probe(self, key: str) -> None:
         """Rerun the manifest's probe through graph ``key``; refuse outputs that differ."""
@@ -228,7 +183,7 @@ class LanguageModel:
     def _score_ids(self, inputs: np.ndarray, targets: np.ndarray, lengths: np.ndarray,
                    state: State | None = None, cancelled: Callable[[], bool] | None = None) -> tuple[np.ndarray, State]:
         """(L, B) inputs/targets, per-column lengths -> target log-probabilities (L, B) and final state,
-        through the scoring graph (``_run_chunks``)."""
+        through the scoring graph (``chunks.run_chunks``)."""
         picked, state = self._run_chunks("score", self.chunk, inputs, targets, lengths, state, cancelled)
         assert picked is not None
         return picked, state
@@ -238,51 +193,6 @@ class LanguageModel:
         """(L, B) inputs, per-column lengths -> the state after them, through the advance graph
         (the recurrence without the vocabulary projection). The bundle must have one."""
         return self._run_chunks("advance", self.advance_chunk, inputs, None, lengths, state, cancelled)[1]
-
-    def _run_chunks(self, key: str, C: int, inputs: np.ndarray, targets: np.ndarray | None, lengths: np.ndarray,
-                    state: State | None, cancelled: Callable[[], bool] | None) -> tuple[np.ndarray | None, State]:
-        """The one chunk driver over the chunked graphs ("score", "advance"): (L, B) inputs (and
-        targets for "score"), per-column lengths -> target log-probabilities (L, B) (None without
-        targets) and the final state, ``C`` positions per call.
-
-        Each call computes all C positions of every column it gets, so a chunk after the first gets
-        only the columns that have not ended yet (a batch of sentences where a few are long pays for
-        the long ones alone); the others keep their final state."""
-        L, B = inputs.shape
-        arrays = dict((state or self.initial_state(B)).arrays)
-        out = np.zeros((L, B), np.float32) if targets is not None else None
-        sess = self.session(key)
-        fixed = self._fixed_steps(key)
-        for start in range(0, max(L, 1), C):
-            if cancelled is not None and cancelled():
-                raise Cancelled("the request was cancelled")
-            cols = np.flatnonzero(lengths > start) if start else np.arange(B)
-            if len(cols) == 0:
-                break
-            every = len(cols) == B
-            n = min(C, L - start)
-            rows = C if fixed else n  # a graph with a dynamic step axis runs only the steps that hold tokens
-            feed = {"token_ids": _window(inputs, start, n, rows, None if every else cols),
-                    "lengths": np.clip(lengths[cols] - start, 0, C).astype(np.int64),
-                    **(arrays if every else {k: v[cols] for k, v in arrays.items()})}
-            if targets is not None:
-                feed["targets"] = _window(targets, start, n, rows, None if every else cols)
-            results = sess.run(None, feed)
-            new = results[1:] if out is not None else results
-            if out is not None:
-                out[start : start + n, cols] = results[0][:n]
-            if every:
-                arrays = {s["input"]: v for s, v in zip(self.states, new, strict=True)}
-            else:
-                for s, v in zip(self.states, new, strict=True):
-                    arrays[s["input"]] = arrays[s["input"]].copy()
-                    arrays[s["input"]][cols] = v
-        return out, State(arrays)
-
-    def _fixed_steps(self, key: str) -> bool:
-        """Whether graph ``key`` takes exactly its chunk of steps per call (bundles exported before
-        its step axis was dynamic state it as an integer), rather than any number up to it."""
-        return not isinstance(self.bundle.manifest["graphs"][key]["inputs"][0]["shape"][0], str)
 
     def score_tokens(self, tokens: Iterable[Token], *, per_token: bool = False, block: int = 4096,
                      progress: Callable[[int], None] | None = None,
@@ -397,7 +307,7 @@ class LanguageModel:
         order = sorted(range(n), key=lambda i: len(sequences[i]))
         for begin in range(0, n, batch_size):
             idx = order[begin : begin + batch_size]
-            inputs, targets, lengths = self._padded(sequences, idx)
+            inputs, targets, lengths = chunks.padded(sequences, idx, self.eos_id)
             first = State({k: v[row_of[idx]] for k, v in base.arrays.items()})
             picked, state = self._score_ids(inputs, targets, lengths, first, cancelled=cancelled)
             for b, i in enumerate(idx):
@@ -408,19 +318,6 @@ class LanguageModel:
             if progress:
                 progress(len(idx))
         return out, (State(finals) if finals is not None else None)
-
-    def _padded(self, sequences: Sequence[Sequence[int]], idx: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(L, B) inputs (``<eos>`` then each sequence but its last id), targets and lengths of the
-        sequences ``idx``: column b is sequence ``idx[b]``."""
-        lengths = np.array([len(sequences[i]) for i in idx], np.int64)
-        L = max(int(lengths.max()), 1)
-        inputs = np.full((L, len(idx)), self.eos_id, np.int64)
-        targets = np.zeros((L, len(idx)), np.int64)
-        for b, i in enumerate(idx):
-            ids = sequences[i]
-            targets[: len(ids), b] = ids
-            inputs[1 : len(ids), b] = ids[:-1]
-        return inputs, targets, lengths
 
     # ------------------------------------------------------------------ contexts (sessions)
     def context(self) -> Context:
@@ -546,7 +443,7 @@ class LanguageModel:
 
         check()
         logprobs, state = self.next_logprobs(ctx, num_samples)
-        stepper = BoundStepper(self, state) if self.bind_state else None
+        stepper = BoundStepper(self.session("step"), self.states, state) if self.bind_state else None
         done = np.zeros(num_samples, bool)
         for _ in range(max_new_tokens):
             nxt = sample(logprobs, rng, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -598,35 +495,3 @@ class LanguageModel:
         if self.level == "char":
             return "".join("\n" if t == self.tokenizer.eos else (" " if t == "_" else t) for t in toks)
         return " ".join("\n" if t == self.tokenizer.eos else t for t in toks).replace(" \n ", "\n")
-
-
-class BoundStepper:
-    """The step graph through IOBinding: the state stays where the session runs (GPU memory on
-    CUDA) as OrtValues, swapped from outputs to inputs at every step, never copied to the host."""
-
-    def __init__(self, lm: LanguageModel, state: State) -> None:
-        self.sess = lm.session("step")
-        self.names = [(s["input"], s["output"]) for s in lm.states]
-        self.device = "cuda" if "CUDAExecutionProvider" in self.sess.get_providers() else "cpu"
-        self.states = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), self.device, 0)
-                       for a in state.arrays.values()]
-
-    def step(self, token_ids: np.ndarray) -> np.ndarray:
-        binding = self.sess.io_binding()
-        binding.bind_cpu_input("token_ids", np.ascontiguousarray(token_ids, np.int64))
-        for (name_in, _), value in zip(self.names, self.states, strict=True):
-            binding.bind_ortvalue_input(name_in, value)
-        binding.bind_output("logprobs", "cpu")  # sampling happens on the host
-        for _, name_out in self.names:
-            binding.bind_output(name_out, self.device)
-        self.sess.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        self.states = list(outputs[1:])
-        return outputs[0].numpy()
-
-
-def _window(a: np.ndarray, start: int, n: int, rows: int, cols: np.ndarray | None) -> np.ndarray:
-    """Rows start..start+n of ``a`` (L, B) (of columns ``cols``; all when None), zero-padded to ``rows`` rows."""
-    x = np.zeros((rows, a.shape[1] if cols is None else len(cols)), np.int64)
-    x[:n] = a[start : start + n] if cols is None else a[start : start + n, cols]
-    return x
