@@ -16,6 +16,8 @@ from typing import Any
 
 CHUNK = 8  # time steps per scoring-graph call: small, so short texts already cross chunk boundaries
 ADVANCE_CHUNK = 16  # time steps per advance-graph call (reading prompts): small, for the same reason
+# Every file of a bundle: advance.onnx reads prompts (tests/test_advance.py); quantized bundles have one too
+BUNDLE_FILES = {"manifest.json", "step.onnx", "score.onnx", "vocab.txt", "advance.onnx"}
 
 WORDS = ["the", "stock", "market", "fell", "rose", "shares", "of", "a", "in", "to", "and", "company", "said", "it", "was", "for", "on", "is", "that", "by", "with", "from", "at", "as", "new", "year", "prices", "investors", "traders", "bank", "rates", "bonds", "week", "sales", "profit", "quarter", "analysts", "billion", "million", "percent"]
 TOKENS = [*WORDS, "N", "<unk>", "<eos>"]  # "N" is PTB's number token

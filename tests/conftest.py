@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from bundles import Built, build
+from bundles import Built, build, make_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +38,9 @@ def lstm(built: Callable[[str, bool], Built]) -> Built:
 @pytest.fixture(scope="session")
 def lstm_bundle(lstm: Built) -> Path:
     return lstm.bundle
+
+
+@pytest.fixture(scope="session")
+def small_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-layer LSTM checkpoint: the cheapest model to trace, for exports that are meant to fail."""
+    return make_checkpoint(tmp_path_factory.mktemp("small") / "ckpt", "lstm", False, num_layers=1)

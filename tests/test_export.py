@@ -1,5 +1,5 @@
 """Tests for rnnlm.export: bundles of every cell, graphs against each other and against PyTorch,
-refusals that leave nothing behind, and int8 quantization.
+refusals that leave nothing behind (quantization: tests/test_quantize.py).
 
 Independent computations throughout: sha256 of the files computed here, graph names written out
 by hand from the cells' state fields, eval-mode PyTorch log-softmax of a model reloaded from the
@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from bundles import (
+    BUNDLE_FILES,
     CHUNK,
     STATE_FIELDS,
     TOKENS,
@@ -33,7 +34,6 @@ from bundles import (
 )
 from rnnlm.export import spec
 from rnnlm.export.graphs import ScoreGraph
-from rnnlm.export.passes import graphs_of
 from rnnlm.export.validate import ValidationError
 from typer.testing import CliRunner
 
@@ -44,8 +44,6 @@ from rnnlm.model import LanguageModel, flatten_state
 
 CELL_LN = [pytest.param(c, ln, id=f"{c}-{'ln' if ln else 'plain'}") for c, ln in VARIANTS]
 V = len(TOKENS)
-# advance.onnx reads prompts (tests/test_advance.py); quantized bundles have one too
-BUNDLE_FILES = {"manifest.json", "step.onnx", "score.onnx", "vocab.txt", "advance.onnx"}
 # onnxruntime against PyTorch: the export's stated tolerance. A random-init HyperLSTM with layer norm
 # drifts ~3e-5 from float32 PyTorch over 29 steps (float32 and float64 PyTorch differ as much), so
 # 1e-5 is kept for the two graphs against each other, which run the same kernels.
@@ -217,12 +215,6 @@ def test_scoring_graph_equals_step_graph_and_torch(built: Callable[[str, bool], 
 # ------------------------------------------------------------------- 3. validation refuses a bad export
 
 
-@pytest.fixture(scope="module")
-def small_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A one-layer LSTM checkpoint: the cheapest model to trace, for exports that are meant to fail."""
-    return make_checkpoint(tmp_path_factory.mktemp("small") / "ckpt", "lstm", False, num_layers=1)
-
-
 def _perturb_score_output(monkeypatch: pytest.MonkeyPatch) -> None:
     forward = ScoreGraph.forward
 
@@ -390,174 +382,6 @@ def test_cli_export_refusals_are_one_error_line(small_ckpt: Path, tmp_path: Path
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "Traceback" not in result.output and not result.stdout.strip()
     assert tree(tmp_path) == before
-
-
-# ----------------------------------------------------------------------------------- 5. int8
-
-
-@pytest.fixture
-def small_products(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Let the tiny test models' products count as large, and time each form briefly."""
-    from rnnlm.export import quantize
-
-    monkeypatch.setattr(quantize, "MIN_ELEMENTS", 0)
-    monkeypatch.setattr(quantize, "TIME_PER_CANDIDATE", 0.003)
-
-
-@pytest.mark.usefixtures("small_products")
-@pytest.mark.parametrize("mode", ["auto", "int8"])
-def test_quantized_bundle_is_measured_validated_and_loads(built: Callable[[str, bool], Built], tmp_path: Path,
-                                                          mode: str) -> None:
-    from rnnlm.export import quantize
-    from rnnlm.serve import LanguageModel as Runtime
-
-    fp32 = built("lstm", True)
-    out = tmp_path / "q"
-    summary = export(fp32.checkpoint, out, quantize=mode)
-    m = read_manifest(out)
-    q = m["quantization"]
-    assert q["mode"] == mode and q["fp32_ppl"] > 1 and q["ppl"] > 1 and q["tokens"] == 3000
-    assert q["text"] == "sampled from the model" and q["max_ppl_rise"] == 0.01
-    assert q["ppl_rise"] == pytest.approx(q["ppl"] / q["fp32_ppl"] - 1) and q["ppl_rise"] <= 0.01
-    assert q["step_graph_ppl_rise"] <= 0.01 and q["step_graph_tokens"] == 2976  # the step graph is judged too
-    assert summary["quantization"]["ppl"] == q["ppl"]
-    # Its own validation against PyTorch, not the fp32 figure: recorded in both places, within its tolerance.
-    assert m["validation"]["max_abs_logprob_diff"] == q["validation"]["max_abs_logprob_diff"] <= q["validation"]["tolerance"]
-    if any(p["chosen"] != "fp32" for p in q["products"]):  # quantized graphs: their own, larger difference
-        assert m["validation"]["max_abs_logprob_diff"] > 10 * fp32.summary["max_abs_logprob_diff"]
-    else:  # every product measured fastest in fp32 (tiny products can be): the fp32 graphs, to the bit
-        assert m["validation"]["max_abs_logprob_diff"] == fp32.summary["max_abs_logprob_diff"]
-    # Every product of both graphs measured in every form; bf16 either timed or refused with a reason.
-    assert {p["graph"] for p in q["products"]} == {"step", "score"}
-    for p in q["products"]:
-        forms = [c["form"] for c in p["candidates"]]
-        assert forms == (quantize.candidate_forms() if mode == "auto" else ["fp32", "int8"])
-        assert all(c["seconds"] is not None or c["unavailable"] for c in p["candidates"])
-        assert p["chosen"] == "int8" if mode == "int8" else p["chosen"] in forms
-    # The graphs hold what the manifest says was chosen.
-    ops = {n.op_type for name in ("step.onnx", "score.onnx") for g in graphs_of(onnx.load(str(out / name))) for n in g.node}
-    chosen = {p["chosen"] for p in q["products"]}
-    assert ("DynamicQuantizeMatMul" in ops) == ("int8" in chosen)
-    assert ("MatMulNBits" in ops) == any(c.startswith("nbits4") for c in chosen)
-    if mode == "int8":  # the decoder's bias is added by the quantized product itself, not by an Add after it
-        score_nodes = onnx.load(str(out / "score.onnx")).graph.node
-        assert any(n.op_type == "DynamicQuantizeMatMul" and len(n.input) == 5 and n.input[4] for n in score_nodes)
-    assert sorted(p.name for p in out.iterdir()) == sorted(BUNDLE_FILES)
-    for name, meta in m["files"].items():
-        assert meta["sha256"] == file_sha256(out / name)
-
-    # Its advance graph: every product in the form chosen for the scoring graph's product with the same
-    # matrix, checked against PyTorch at export, and passing the check serving runs on first use (its state
-    # after the probe equals the scoring graph's within the probe's tolerance).
-    advance, score = onnx.load(str(out / "advance.onnx")), onnx.load(str(out / "score.onnx"))
-    assert form_of_matrices(advance) <= form_of_matrices(score)
-    if mode == "int8":  # every product quantized: the advance graph's recurrence is too
-        assert form_of_matrices(advance)
-    assert m["validation"]["advance"]["max_abs_state_diff"] <= q["validation"]["state_tolerance"]
-    Runtime.load(out, threads=1).session("advance")
-
-    # The runtime loads it (its probe included), and it scores close to the fp32 bundle of the same checkpoint.
-    text = "the stock market fell\nshares of the company rose N percent in the quarter\n"
-    rq, r32 = Runtime.load(out, threads=1).score(text), Runtime.load(fp32.bundle, threads=1).score(text)
-    assert rq.tokens == r32.tokens == 16
-    assert abs(rq.ppl / r32.ppl - 1) < 0.05
-
-
-def form_of_matrices(model: onnx.ModelProto) -> set[tuple[str, bytes]]:
-    """(op, the quantized matrix's bytes) for every quantized product in ``model`` and its Scan bodies."""
-    inits = {i.name: i for g in graphs_of(model) for i in g.initializer}
-    return {(n.op_type, onnx.numpy_helper.to_array(inits[n.input[1]]).tobytes()) for g in graphs_of(model)
-            for n in g.node
-            if n.op_type in ("DynamicQuantizeMatMul", "MatMulNBits")}
-
-
-def _fake_timings(form: str, w: np.ndarray, rows: int, threads: int) -> dict:
-    """4-bit at block 32, accuracy level 4 is 'measured' fastest, so that auto picks it deterministically."""
-    return {"form": form, "seconds": 1e-6 if form == "nbits4-b32-a4" else 1e-3, "max_rel_error": 0.0}
-
-
-@pytest.mark.usefixtures("small_products")
-def test_a_quantization_that_costs_accuracy_is_demoted_then_refused(small_ckpt: Path, tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from rnnlm.export import quantize
-
-    monkeypatch.setattr(quantize, "time_form", _fake_timings)
-    nbits4 = quantize.nbits4_weights
-    monkeypatch.setattr(quantize, "nbits4_weights", lambda w, block: nbits4(w * 50.0, block))  # a broken 4-bit form
-    out = tmp_path / "q"
-    summary = export(small_ckpt, out, quantize="auto")
-    q = read_manifest(out)["quantization"]
-    choices = [a["choices"] for a in q["attempts"]]  # a failing graph is demoted, then the bundle rebuilt
-    assert choices[0] == ["nbits4-b32-a4"] and choices[-1] == ["int8"] and 2 <= len(choices) <= 3
-    assert max(q["attempts"][0]["ppl_rise"].values()) > 0.01 >= q["ppl_rise"] == summary["quantization"]["ppl_rise"]
-    assert all(p["chosen"] == "int8" and p["demoted_from"] == "nbits4-b32-a4" for p in q["products"])
-
-    # Now int8 is broken too: refused, with nothing written.
-    int8 = quantize.int8_weights
-    monkeypatch.setattr(quantize, "int8_weights", lambda w: (int8(w)[0], int8(w)[1] * 50.0))
-    before = tree(tmp_path)
-    with pytest.raises(RnnlmError) as info:
-        export(small_ckpt, tmp_path / "q2", quantize="auto")
-    assert info.value.code == 1 and "--max-ppl-rise 1.00%" in info.value.message and "no bundle written" in info.value.message
-    assert tree(tmp_path) == before
-
-
-@pytest.mark.parametrize("form", ["int8", "nbits4-b32-a0", "nbits4-b32-a4", "nbits4-b128-a4"])
-def test_each_quantized_form_computes_the_product(form: str) -> None:
-    """Each form's one-node graph against numpy's float64 product, within its quantization error."""
-    from rnnlm.export import quantize
-
-    rng = np.random.default_rng(3)
-    w = rng.standard_normal((256, 300)).astype(np.float32) * 0.1
-    x = rng.standard_normal((5, 256)).astype(np.float32)
-    sess = ort.InferenceSession(quantize.one_node_model(form, w), providers=["CPUExecutionProvider"])
-    y = sess.run(None, {"x": x})[0]
-    ref = x.astype(np.float64) @ w.astype(np.float64)
-    rel = np.abs(y - ref).max() / np.abs(ref).max()
-    # int8 per column: weights within scale/2 and activations in 8 bits, ~1 %; 4-bit blocks: ~10 %.
-    assert rel < (0.02 if form == "int8" else 0.2), rel
-    assert rel > 1e-5  # it really is quantized
-    q, scale = quantize.int8_weights(w)
-    assert np.abs(q.astype(np.float32) * scale - w).max() <= scale.max() / 2 + 1e-7
-
-
-def test_products_are_the_large_weights_with_rows_per_call(built: Callable[[str, bool], Built]) -> None:
-    from rnnlm.export import quantize
-
-    b = built("lstm", True)  # one layer, untied: an input and a recurrent product, and the decoder
-    score = onnx.load(str(b.bundle / "score.onnx"))
-    step = onnx.load(str(b.bundle / "step.onnx"))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(quantize, "MIN_ELEMENTS", 0)
-        sp, tp = quantize.find_products(score, "score", CHUNK), quantize.find_products(step, "step", CHUNK)
-    # Scoring graph: the decoder and the input projection are hoisted over the chunk (one MatMul of
-    # CHUNK rows each); the recurrent matrix is in the Scan body, written once, one row per call at batch 1.
-    assert sorted((p.k, p.n, p.uses, p.rows) for p in sp) == sorted([(32, V, 1, CHUNK), (32, 128, 1, CHUNK), (32, 128, 1, 1)])
-    assert sorted((p.k, p.n, p.uses, p.rows) for p in tp) == sorted([(32, V, 1, 1), (32, 128, 1, 1), (32, 128, 1, 1)])
-    # The per-step product also meets BATCH_ROWS rows in per-line scoring; nothing else does.
-    assert sorted((p.rows, p.batch_rows) for p in sp) == [(1, quantize.BATCH_ROWS), (CHUNK, None), (CHUNK, None)]
-    assert all(p.batch_rows is None for p in tp)
-    assert quantize.find_products(score, "score", CHUNK) == []  # nothing this small is worth quantizing
-
-
-def test_a_product_met_at_two_row_counts_is_chosen_for_both(monkeypatch: pytest.MonkeyPatch) -> None:
-    """4-bit fastest at one row but slowest at 64, int8 a little slower at one row and fastest at 64 (as
-    measured, bench/RESULTS.md): a step-graph product takes 4-bit, a scoring graph's per-step one int8."""
-    from rnnlm.export import quantize
-
-    def fake(form: str, w: np.ndarray, rows: int, threads: int) -> dict:
-        seconds = {"fp32": 1.0, "int8": 0.7 if rows == 1 else 0.35, "nbits4-b32-a4": 0.5 if rows == 1 else 1.6}
-        return {"form": form, "seconds": seconds.get(form, 3.0) * 1e-4, "max_rel_error": 0.0}
-
-    monkeypatch.setattr(quantize, "time_form", fake)
-    w = np.zeros((4, 8), np.float32)
-    step = quantize.choose(quantize.Product("step", "w", 4, 8, 1, 1), w, 1)
-    assert step["chosen"] == "nbits4-b32-a4" and "batch_candidates" not in step
-    body = quantize.choose(quantize.Product("score", "w", 4, 8, 1, 1, quantize.BATCH_ROWS), w, 1)
-    assert body["chosen"] == "int8"  # sqrt(0.7 * 0.35) = 0.49 against sqrt(0.5 * 1.6) = 0.89
-    assert body["speedup"] == pytest.approx(1 / np.sqrt(0.7 * 0.35))
-    assert body["batch_rows_per_call"] == quantize.BATCH_ROWS
-    assert [c["form"] for c in body["batch_candidates"]] == [c["form"] for c in body["candidates"]]
 
 
 # ------------------------------------------------------------------ 6. issue 11: source, replacing, shadowing
