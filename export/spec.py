@@ -32,7 +32,7 @@ MIN_OPSET = 17  # LayerNormalization is native from opset 17
 DEFAULT_OPSET = 18
 DEFAULT_CHUNK = 32
 STEP_FILE, SCORE_FILE, VOCAB_FILE, MANIFEST_FILE = "step.onnx", "score.onnx", "vocab.txt", "manifest.json"
-BATCH, CHUNK, STEPS, VOCAB = "batch", "chunk", "steps", "vocab"
+BATCH, STEPS = "batch", "steps"  # the names of the dynamic axes
 ADVANCE_FILE = "advance.onnx"
 DEFAULT_ADVANCE_CHUNK = 128  # measured: bench/RESULTS.md, "Reading prompts through the advance graph"
 

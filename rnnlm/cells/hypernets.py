@@ -103,7 +103,7 @@ class HyperLSTMCell(nn.Module):
         """d_h, d_x and b (each (B, 4H), laid out like the gates) from the hyper cell's output.
 
         The three embeddings z_h, z_x, z_b are one product, and their twelve (N_z -> H) maps, one per
-        kind and gate, one batched product: the same sums as three separate ones, in 8 traced nodes
+        kind and gate, one batched product: the same sums as three separate ones, in 9 traced nodes
         instead of 18 (a step's nodes are what a batch-1 step costs in onnxruntime). The
         concatenated weights are parameters only, folded into constants when exported."""
         Nz, H = self.hyper_embed, self.hidden_size
