@@ -272,9 +272,10 @@ def export(
     cell: CellOpt = None,
     out: Annotated[Path | None, typer.Option(help="Bundle directory (default: <model>/onnx; <model>/onnx-quant or onnx-int8 with --quantize).")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset, 17 or newer (native LayerNormalization).")] = 18,
-    chunk: Annotated[int, typer.Option(help="Time steps per call of the scoring graph.")] = 32,
-    advance_chunk: Annotated[int, typer.Option(help="Time steps per call of the advance graph, which reads prompts "
-                                               "(0: none; quantized bundles have none).")] = 128,
+    chunk: Annotated[int, typer.Option(help="Most time steps per call of the scoring graph (a call runs as many as "
+                                       "its longest sequence needs, up to this).")] = 32,
+    advance_chunk: Annotated[int, typer.Option(help="Most time steps per call of the advance graph, which reads prompts "
+                                               "(0: leave it out).")] = 128,
     quantize: Annotated[str | None, typer.Option(help="auto: each large product in the form measured fastest (fp32, "
                                                  "int8, 4-bit); int8: every large product int8. Checked by perplexity.")] = None,
     max_ppl_rise: Annotated[float, typer.Option(help="With --quantize: refuse a bundle whose PTB valid perplexity rises "
