@@ -192,7 +192,9 @@ def test_a_bundle_that_fails_to_load(tmp_path: Path) -> None:
         assert client.get("/v2/health/live").status_code == 200
 
 
-def test_full_server_refuses_at_once_with_429(lm: LanguageModel, monkeypatch: pytest.MonkeyPatch) -> None:
+def hold_steps(lm: LanguageModel, monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Make every step of ``lm`` wait for ``release`` (30 s at most), setting ``entered`` first: a
+    generation that holds its slot until the test lets it go."""
     entered, release = threading.Event(), threading.Event()
     real_step = lm.step_ids
 
@@ -201,9 +203,14 @@ def test_full_server_refuses_at_once_with_429(lm: LanguageModel, monkeypatch: py
         assert release.wait(30)
         return real_step(state, ids)
 
+    monkeypatch.setattr(lm, "step_ids", held_step)
+    return entered, release
+
+
+def test_full_server_refuses_at_once_with_429(lm: LanguageModel, monkeypatch: pytest.MonkeyPatch) -> None:
     body = {"prompt": "the", "max_tokens": 200, "seed": 9, "stop": False, "stream": True}
     with serve(lm, max_concurrency=1, max_queue=0) as client:
-        monkeypatch.setattr(lm, "step_ids", held_step)
+        entered, release = hold_steps(lm, monkeypatch)
         first: list[Any] = []
         worker = threading.Thread(target=lambda: first.append(client.post("/v1/generate", json=body)))
         worker.start()
@@ -488,16 +495,8 @@ def test_a_stream_whose_client_leaves_gives_back_its_slot(lm: LanguageModel, mon
 
 
 def test_a_queued_request_waits_and_the_next_is_refused(lm: LanguageModel, monkeypatch: pytest.MonkeyPatch) -> None:
-    entered, release = threading.Event(), threading.Event()
-    real_step = lm.step_ids
-
-    def held_step(state: Any, ids: Any) -> Any:
-        entered.set()
-        assert release.wait(30)
-        return real_step(state, ids)
-
     with serve(lm, max_concurrency=1, max_queue=1) as client:
-        monkeypatch.setattr(lm, "step_ids", held_step)
+        entered, release = hold_steps(lm, monkeypatch)
         results: dict[str, Any] = {}
         gen = {"prompt": "the", "max_tokens": 4, "seed": 2, "stop": False}
         running = threading.Thread(target=lambda: results.__setitem__("gen", client.post("/v1/generate", json=gen)))
