@@ -21,6 +21,16 @@ BUNDLE_FILES = {"manifest.json", "step.onnx", "score.onnx", "vocab.txt", "advanc
 
 WORDS = ["the", "stock", "market", "fell", "rose", "shares", "of", "a", "in", "to", "and", "company", "said", "it", "was", "for", "on", "is", "that", "by", "with", "from", "at", "as", "new", "year", "prices", "investors", "traders", "bank", "rates", "bonds", "week", "sales", "profit", "quarter", "analysts", "billion", "million", "percent"]
 TOKENS = [*WORDS, "N", "<unk>", "<eos>"]  # "N" is PTB's number token
+# A text to stream: capitals, numbers, non-ASCII (cut by small read blocks), blank and CRLF lines, no final newline
+STREAM_TEXT = (
+    "The Stock market fell 1,000 points\n"
+    "\n"
+    "café crème — prices rose 3.5 % in 東京 and Zürich €12\r\n"
+    "   \n"
+    "a very long line " + "shares and bonds " * 9 + "😀😀 ünïcödé\n"
+    "naïve investors\tsaid 1980s\n"
+    "no newline at the end ß"
+)
 
 # (cell, layer_norm) -> layers and weight tying. Hidden 32 / hyper 16: smaller HyperLSTMs with
 # layer norm are chaotic at random init and fail the 1e-4 validation tolerance legitimately.

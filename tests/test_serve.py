@@ -8,7 +8,6 @@ offsets by locating the bad byte in the test's own data. Bundles are built once 
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import shutil
@@ -18,15 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bundles import CHUNK, TOKENS, WORDS, read_manifest, rehash, write_manifest
-from rnnlm.serve import BundleError, LanguageModel, Tokenizer
+from bundles import CHUNK, STREAM_TEXT, TOKENS, WORDS, read_manifest, rehash, write_manifest
+from rnnlm.serve import BundleError, LanguageModel
 from typer.testing import CliRunner
 
 import rnnlm.text as text_mod
 from rnnlm.cli import app
 from rnnlm.errors import RnnlmError
-from rnnlm.text import TextSpec
-from rnnlm.vocab import Vocabulary
 
 EOS = "<eos>"
 
@@ -478,62 +475,7 @@ def test_cli_generate_is_repeatable_and_accepts_unknown_prompts(lstm_bundle: Pat
     assert len(json.loads(out)["samples"]) == 3
 
 
-# ------------------------------------------------------------------------------ 11. normalization
-
-
-PTB_STYLE = TextSpec(lowercase=True, numbers="N")
-
-
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer(PTB_STYLE, Vocabulary(TOKENS))
-
-
-def texts(tokens: list) -> list[str]:
-    return [t.text for t in tokens]
-
-
-def test_word_normalization_follows_ptb(tok: Tokenizer) -> None:
-    assert texts(tok.line_tokens("The STOCK Market")) == ["the", "stock", "market", EOS]
-    numbers = tok.line_tokens("1,000 3.5 -2 10:30 1/2 N 1980s <unk> <eos>", eos=False)
-    assert texts(numbers) == ["N", "N", "N", "N", "N", "N", "1980s", "<unk>", "<eos>"]
-    assert [t.oov for t in numbers] == [False] * 6 + [True, False, False]
-    assert numbers[6].id == TOKENS.index("<unk>") and numbers[0].id == TOKENS.index("N")
-    assert texts(tok.line_tokens("Zebra-1 a.b")) == ["zebra-1", "a.b", EOS]  # letters: not numbers
-    assert texts(tok.text_tokens("the market\n\n   \n\tRose \r\nfell")) == ["the", "market", EOS, EOS, EOS, "rose", EOS,
-                                                                         "fell", EOS]
-    raw = Tokenizer(PTB_STYLE.raw(), Vocabulary(TOKENS))
-    assert [(t.text, t.oov) for t in raw.line_tokens("The 1,000", eos=False)] == [("The", True), ("1,000", True)]
-
-
-STREAM_TEXT = (
-    "The Stock market fell 1,000 points\n"
-    "\n"
-    "café crème — prices rose 3.5 % in 東京 and Zürich €12\r\n"
-    "   \n"
-    "a very long line " + "shares and bonds " * 9 + "😀😀 ünïcödé\n"
-    "naïve investors\tsaid 1980s\n"
-    "no newline at the end ß"
-)
-
-
-@pytest.mark.parametrize("block", [1, 2, 3, 5, 7, 64])
-def test_stream_in_tiny_blocks_equals_text_tokens(tok: Tokenizer, block: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    data = STREAM_TEXT.encode("utf-8")
-    # Some multi-byte character really is cut by a block boundary.
-    starts = [len(STREAM_TEXT[:i].encode()) for i in range(len(STREAM_TEXT))]
-    cut = [s for i, s in enumerate(starts) if len(STREAM_TEXT[i].encode()) > 1 and (s // block) != ((s + len(STREAM_TEXT[i].encode()) - 1) // block)]
-    assert block == 64 or cut
-    monkeypatch.setattr(text_mod, "BLOCK", block)
-    streamed = list(tok.stream(io.BytesIO(data), "test"))
-    assert streamed == tok.text_tokens(STREAM_TEXT)
-    assert texts(streamed)[:7] == ["the", "stock", "market", "fell", "N", "points", EOS]
-    assert sum(t.text == EOS for t in streamed) == 7  # blank lines are sentences too
-
-
-def test_stream_and_text_tokens_agree_on_what_a_line_is(tok: Tokenizer) -> None:
-    text = "the stock\x0cmarket\u2028fell\rrose\x85shares\n"
-    assert texts(tok.stream(io.BytesIO(text.encode()), "t")) == texts(tok.text_tokens(text))
+# ------------------------------------------------------------------------- 11. the CLI and the API, devices
 
 
 def test_file_scores_the_same_through_the_cli_and_the_api(lm: LanguageModel, lstm_bundle: Path, tmp_path: Path,
