@@ -84,10 +84,12 @@ def _trace(module: torch.nn.Module, args: tuple[torch.Tensor, ...], graph: spec.
 
 
 def _save_shared(model: onnx.ModelProto, path: Path) -> None:
-    """Save a copy of ``model`` that holds a tied decoder's matrix once (``share_tied_weights``)."""
+    """Save a copy of ``model`` that holds a tied decoder's matrix once (``share_tied_weights``) and whose
+    Scans skip their per-step holds when every column advances every step (``full_chunk_twins``)."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     share_tied_weights(copy)
+    recurrence.full_chunk_twins(copy)
     _save(copy, path)
 
 

@@ -68,13 +68,17 @@ class Product:
 def find_products(model: onnx.ModelProto, graph: str, chunk: int) -> list[Product]:
     """The large constant-weight MatMuls of ``model`` and of its Scan bodies; rows per call at batch 1 from
     where W is used: in a Scan body (one step of the recurrence) or the step graph, 1 row; in the scoring
-    graph's own nodes (hoisted over a whole chunk: the input projections and the decoder), ``chunk``."""
-    out = []
+    graph's own nodes (hoisted over a whole chunk: the input projections and the decoder), ``chunk``. A
+    saved graph's Scan and its full-chunk twin (``recurrence.full_chunk_twins``) hold one product twice,
+    under one name: it is listed once."""
+    out: list[Product] = []
     for depth, g in enumerate(graphs_of(model)):  # the main graph first
         inits = {i.name: i for i in g.initializer}
         uses = Counter(n.input[1] for n in g.node if n.op_type == "MatMul" and n.input[1] in inits)
         for name, count in uses.items():
             dims = list(inits[name].dims)
+            if any(p.weight == name for p in out):
+                continue
             if len(dims) != 2 or dims[0] * dims[1] < MIN_ELEMENTS or inits[name].data_type != onnx.TensorProto.FLOAT:
                 continue
             hoisted = graph == "score" and depth == 0

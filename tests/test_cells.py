@@ -212,11 +212,14 @@ def test_hyperlstm_paper_initialisation(layer_norm: bool) -> None:
     _assert_orthogonal_blocks(cell.hyper.input_proj.weight, 4)
     assert not cell.hyper.input_proj.bias.any()  # ...with zero biases
     # With this init the main cell's effective scales are d = sum_z 1 * 0.1 / N_z = 0.1 for every row,
-    # and its bias W_bz z_b + b_0 is zero.
+    # and its bias W_bz z_b + b_0 is zero (but for supercell's forget bias of 1, folded into f's units
+    # where no layer norm comes between).
     d_h, d_x, b = cell.scales(torch.randn(2, Nh))
     torch.testing.assert_close(d_h, torch.full((2, 4 * Hs), 0.1))
     torch.testing.assert_close(d_x, torch.full((2, 4 * Hs), 0.1))
-    assert not b.any()
+    forget = torch.zeros(4, Hs)
+    forget[2] = 0.0 if layer_norm else 1.0  # gates i, g, f, o
+    torch.testing.assert_close(b, forget.reshape(1, -1).expand(2, -1), atol=0, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------ 8. RHN

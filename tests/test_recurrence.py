@@ -9,6 +9,7 @@ call: onnxruntime returns zeros for it) is corrected, checked against PyTorch di
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,10 +18,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from bundles import CHUNK, VARIANTS, Built, no_data_dir
+from bundles import ADVANCE_CHUNK, CHUNK, VARIANTS, Built, no_data_dir, read_manifest
 from rnnlm.export import export_bundle
 from rnnlm.export.graphs import unflatten_state
-from rnnlm.export.passes import graphs_of
+from rnnlm.export.passes import graphs_of, node_graphs
 from rnnlm.export.recurrence import DOMAIN
 
 from rnnlm.checkpoint import load_model_dir
@@ -44,11 +45,24 @@ def test_each_layer_is_one_recurrent_node(built: Callable[[str, bool], Built], c
     for name in ("score.onnx", "advance.onnx"):
         model = load(b.bundle / name)
         ops = [n.op_type for n in model.graph.node]
-        assert [op for op in ops if op in RECURRENT_OPS] == [expected] * b.num_layers, name
+        outer = "LSTM" if expected == "LSTM" else "If"  # a Scan layer: If(full chunk, twin, Scan)
+        assert [op for op in ops if op in RECURRENT_OPS | {"If"}] == [outer] * b.num_layers, name
         assert not any(n.domain == DOMAIN for g in graphs_of(model) for n in g.node), "a placeholder was left"
-        if expected == "Scan":  # the step is written once, in the body, and its products are there
-            body = graphs_of(model)[1]
-            assert any(n.op_type in ("MatMul", "Gemm") for n in body.node)
+        if expected == "Scan":  # the step is written once per branch, in the body, and its products are there
+            for layer in range(b.num_layers):
+                full, held = (_body(model, f"layer{layer}.Scan.{kind}") for kind in ("full", "held"))
+                for body in (full, held):
+                    assert any(n.op_type in ("MatMul", "Gemm") for n in body.node)
+                keep = f"layer{layer}.keep"
+                assert not any(keep in n.input for n in full.node), "the full-chunk twin still holds"
+                holds = [n for n in held.node if n.op_type == "Where" and n.input[0] == keep]
+                assert len(holds) == len(read_manifest(b.bundle)["state"]) // b.num_layers  # one per state field
+
+
+def _body(model: onnx.ModelProto, scan: str) -> onnx.GraphProto:
+    """The body of the Scan node named ``scan``, wherever it is."""
+    (body,) = [g for graph in graphs_of(model) for n in graph.node if n.name == scan for g in node_graphs(n)]
+    return body
 
 
 def test_graph_size_does_not_grow_with_the_chunk(built: Callable[[str, bool], Built], tmp_path: Path) -> None:
@@ -90,3 +104,44 @@ def test_a_sample_that_does_not_advance_keeps_its_state(built: Callable[[str, bo
             _, final = model.hidden(torch.from_numpy(tokens[:n, b_i : b_i + 1]), start)
         for name, want in zip(state_names, flatten_state(final), strict=True):
             np.testing.assert_allclose(got["next_" + name][b_i], want[0].numpy(), atol=1e-5, rtol=0, err_msg=name)
+
+
+def _ran(sess: ort.InferenceSession, feed: dict[str, np.ndarray]) -> tuple[set[str], list[np.ndarray]]:
+    """The Scan nodes that ran for one call (onnxruntime's profiler), and the call's outputs."""
+    sess.run(None, feed)  # the profiler records this call only: a new session per call
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    names = {e["name"].removesuffix("_kernel_time") for e in events if e.get("cat") == "Node"}
+    return {n for n in names if n.endswith((".Scan.full", ".Scan.held"))}, sess.run(None, feed)
+
+
+@pytest.mark.parametrize("graph", ["score", "advance"])
+def test_a_call_where_every_column_advances_every_step_runs_the_twin(built: Callable[[str, bool], Built],
+                                                                      tmp_path: Path, graph: str) -> None:
+    """Equal lengths (a prompt, a stream) take the Scans without holds, and reach the state the held Scans
+    reach for the same column within a ragged call; a ragged call takes the held Scans."""
+    b = built("rhn", False)  # two layers: one If each
+    steps = CHUNK if graph == "score" else ADVANCE_CHUNK
+    layers = range(b.num_layers)
+
+    def session() -> ort.InferenceSession:
+        opts = ort.SessionOptions()
+        opts.enable_profiling, opts.profile_file_prefix = True, str(tmp_path / "prof")
+        return ort.InferenceSession(str(b.bundle / f"{graph}.onnx"), opts, providers=["CPUExecutionProvider"])
+
+    rng = np.random.default_rng(1)
+    manifest = read_manifest(b.bundle)
+    tokens = rng.integers(0, manifest["config"]["vocab_size"], (steps, 2)).astype(np.int64)
+    state = {s["input"]: rng.standard_normal((2, s["size"])).astype(np.float32) for s in manifest["state"]}
+
+    def states(lengths: list[int]) -> tuple[set[str], list[np.ndarray]]:
+        f = {"token_ids": tokens, "lengths": np.array(lengths, np.int64), **state}
+        ran, outs = _ran(session(), {**f, "targets": tokens} if graph == "score" else f)
+        return ran, outs[1:] if graph == "score" else outs
+
+    ran, full = states([steps, steps])
+    assert ran == {f"layer{i}.Scan.full" for i in layers}
+    ran, ragged = states([steps, steps - 1])
+    assert ran == {f"layer{i}.Scan.held" for i in layers}
+    for a, z in zip(ragged, full, strict=True):
+        np.testing.assert_allclose(a[0], z[0], rtol=0, atol=1e-6)  # column 0 advanced every step in both
+        assert not np.allclose(a[1], z[1])  # column 1 stopped one step early

@@ -100,18 +100,26 @@ class HyperLSTMCell(nn.Module):
         self.hyper.reset_dropout(batch, device)
 
     def scales(self, hyper_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """d_h, d_x and b (each (B, 4H), laid out like the gates) from the hyper cell's output.
+        """d_h, d_x and b (each (B, 4H), laid out like the gates) from the hyper cell's output; b is
+        W_bz z_b + b_0, plus the forget bias where no layer norm comes between (``_gate_bias``).
 
         The three embeddings z_h, z_x, z_b are one product, and their twelve (N_z -> H) maps, one per
-        kind and gate, one batched product: the same sums as three separate ones, in 9 traced nodes
-        instead of 18 (a step's nodes are what a batch-1 step costs in onnxruntime). The
-        concatenated weights are parameters only, folded into constants when exported."""
+        kind and gate, one batched product broadcast over the batch: the same sums as three separate
+        ones, in 6 traced nodes instead of 18 (a step's nodes are what a batch-1 step costs in
+        onnxruntime). The concatenated weights are parameters only, folded into constants when exported."""
         Nz, H = self.hyper_embed, self.hidden_size
-        z = self._embeddings(hyper_out).reshape(-1, 12, Nz).transpose(0, 1)  # (12, B, N_z)
+        z = self._embeddings(hyper_out).reshape(-1, 12, 1, Nz)  # (B, 12, 1, N_z)
         d = torch.cat((self.d_h, self.d_x, self.d_b))  # (12, N_z, H)
-        u = torch.matmul(z, d).transpose(0, 1).reshape(-1, 3 * 4 * H)  # (B, [kind, gate, H])
+        u = torch.matmul(z, d).reshape(-1, 3 * 4 * H)  # (B, 12, 1, H) -> (B, [kind, gate, H])
         d_h, d_x, d_b = u.split(4 * H, dim=-1)  # not Einsum: slow to load in onnxruntime
-        return d_h, d_x, d_b + self.bias.reshape(-1)
+        return d_h, d_x, d_b + self._gate_bias()
+
+    def _gate_bias(self) -> Tensor:
+        """b_0 (4H), with the forget bias folded into f's units where no layer norm comes between."""
+        b = self.bias
+        if self.gate_norm is not None:
+            return b.reshape(-1)
+        return torch.cat((b[:2], b[2:3] + FORGET_BIAS, b[3:])).reshape(-1)  # gates i, g, f, o
 
     def _embeddings(self, hyper_out: Tensor) -> Tensor:
         """[z_h; z_x; z_b] (B, 12 N_z): one product while the three maps are plain ``nn.Linear``
@@ -140,7 +148,9 @@ class HyperLSTMCell(nn.Module):
         if self.gate_norm is not None:
             gates = self.gate_norm(gates)
         i, g, f, o = gates.split(H, dim=-1)  # split, not chunk: one ONNX Split of constant sizes
-        c = torch.sigmoid(f + FORGET_BIAS) * state.c + torch.sigmoid(i) * self.candidate_dropout(torch.tanh(g))
+        if self.gate_norm is not None:  # without layer norm it is in b (_gate_bias)
+            f = f + FORGET_BIAS
+        c = torch.sigmoid(f) * state.c + torch.sigmoid(i) * self.candidate_dropout(torch.tanh(g))
         c_out = self.cell_norm(c) if self.cell_norm is not None else c
         h = torch.sigmoid(o) * torch.tanh(c_out)
         return h, HyperState(h, c, hyper_state.h, hyper_state.c)
@@ -149,7 +159,7 @@ class HyperLSTMCell(nn.Module):
         """What a step needs of its input, for any number of steps at once: W_x x, and the hyper cell's
         input projection of x with its bias."""
         w_hyper_x = self.hyper.input_proj.weight[:, : self.input_size]
-        return self.input_proj(x), F.linear(x, w_hyper_x, self.hyper.input_proj.bias)
+        return self.input_proj(x), F.linear(x, w_hyper_x, self.hyper.input_bias())
 
     def forward(self, x: Tensor, state: HyperState) -> tuple[Tensor, HyperState]:
         """One time step: x (B, I) -> h (B, H)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnnlm.cells.base import CandidateDropout, GateLayerNorm, SequenceDropout, run_sequence, zeros_state
@@ -57,25 +58,34 @@ class LSTMCell(nn.Module):
         self.state_dropout.draw(batch, self.hidden_size, device)
 
     def step(self, px: Tensor, state: LSTMState) -> tuple[Tensor, LSTMState]:
-        """One step from the precomputed input projection px = W_x x_t + b: (B, 4H)."""
+        """One step from the precomputed input projection px = W_x x_t + b: (B, 4H), b as ``input_bias``."""
         gates = px + self.hidden_proj(self.state_dropout(state.h))  # (B, 4H)
         if self.gate_norm is not None:
             gates = self.gate_norm(gates)
         i, f, g, o = gates.split(self.hidden_size, dim=-1)  # split, not chunk: one ONNX Split of constant sizes
-        if self.forget_bias:
+        if self.forget_bias and self.gate_norm is not None:  # without layer norm it is in px (input_bias)
             f = f + self.forget_bias
         c = torch.sigmoid(f) * state.c + torch.sigmoid(i) * self.candidate_dropout(torch.tanh(g))
         c_out = self.cell_norm(c) if self.cell_norm is not None else c
         h = torch.sigmoid(o) * torch.tanh(c_out)
         return h, LSTMState(h, c)
 
+    def input_bias(self) -> Tensor:
+        """b of px = W_x x + b, the forget bias folded into f's rows where no layer norm comes between:
+        the same sum, and one add fewer per step (traced, the fold is a constant)."""
+        b = self.input_proj.bias
+        if not self.forget_bias or self.gate_norm is not None:
+            return b
+        H = self.hidden_size
+        return torch.cat((b[:H], b[H : 2 * H] + self.forget_bias, b[2 * H :]))  # gates i, f, g, o
+
     def forward(self, x: Tensor, state: LSTMState) -> tuple[Tensor, LSTMState]:
         """One time step: x (B, I) -> h (B, H)."""
-        return self.step(self.input_proj(x), state)
+        return self.step(*self.hoist(x), state)
 
     def hoist(self, xs: Tensor) -> tuple[Tensor]:
-        """What a step needs of its input, for any number of steps at once: W_x x + b."""
-        return (self.input_proj(xs),)
+        """What a step needs of its input, for any number of steps at once: W_x x + b (``input_bias``)."""
+        return (F.linear(xs, self.input_proj.weight, self.input_bias()),)
 
     def recur(self, pre: tuple[Tensor, ...], state: LSTMState) -> tuple[Tensor, LSTMState]:
         return self.step(pre[0], state)
