@@ -3,9 +3,10 @@ readiness, server-sent events, Prometheus metrics), each read by the test, not b
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -83,3 +84,51 @@ def api_generate(lm: LanguageModel, body: dict[str, Any]) -> list[str]:
     return lm.generate(body.get("prompt", ""), max_new_tokens=body.get("max_tokens", 50),
                        temperature=body.get("temperature", 1.0), top_k=body.get("top_k"), top_p=body.get("top_p"),
                        seed=body.get("seed"), num_samples=body.get("n", 1), stop_at_eos=body.get("stop", True))
+
+
+# ------------------------------------------------------------------- raw ASGI, for bodies no client sends
+
+
+def asgi_post(app: Any, headers: list[tuple[bytes, bytes]], messages: list[dict[str, Any]],
+              then: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+              *, lifespan: bool = False) -> tuple[int, dict[str, str], bytes, int]:
+    """Call the app as a server would: ``receive`` hands out ``messages``, then awaits ``then``
+    (by default, forever). Returns status, headers, body and how many messages were taken.
+    ``lifespan`` runs the app's startup first (the model attached) in the same event loop."""
+    taken = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal taken
+        if taken < len(messages):
+            taken += 1
+            return messages[taken - 1]
+        if then is not None:
+            return await then()
+        await asyncio.Event().wait()  # a client that never sends the rest
+        raise AssertionError("unreachable")
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/score", "raw_path": b"/v1/score", "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"testserver"), *headers], "client": ("127.0.0.1", 50000),
+             "server": ("testserver", 80)}
+
+    async def main() -> None:
+        if lifespan:
+            async with app.router.lifespan_context(app):
+                await asyncio.wait_for(app(scope, receive, send), 20)
+        else:
+            await asyncio.wait_for(app(scope, receive, send), 20)
+
+    asyncio.run(main())
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], {k.decode().lower(): v.decode() for k, v in start["headers"]}, body, taken
+
+
+def body_msg(data: bytes, more: bool = False) -> dict[str, Any]:
+    return {"type": "http.request", "body": data, "more_body": more}

@@ -1,5 +1,4 @@
-"""The HTTP server in-process under pressure: the body guard (slow, short and oversized bodies,
-driven through the ASGI interface directly, as no well-behaved HTTP client sends them), loading in
+"""The HTTP server in-process under pressure: loading in
 the background, admission (429 when full, refusal while draining), timeouts that cancel the work,
 and concurrent requests batched into one scoring call yet answered as if alone.
 
@@ -13,7 +12,6 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,8 +24,10 @@ from rnnlm.serve.server import ServerSettings, create_app
 from serverkit import (
     REL,
     api_generate,
+    asgi_post,
     assert_error,
     assert_ready,
+    body_msg,
     events,
     metric,
     scheduler_of,
@@ -39,115 +39,6 @@ from serverkit import (
 @pytest.fixture(scope="module")
 def lm(lstm_bundle: Path) -> LanguageModel:
     return LanguageModel.load(lstm_bundle, threads=1)
-
-
-# ------------------------------------------------------------------- the body guard, raw ASGI
-
-
-def asgi_post(app: Any, headers: list[tuple[bytes, bytes]], messages: list[dict[str, Any]],
-              then: Callable[[], Awaitable[dict[str, Any]]] | None = None,
-              *, lifespan: bool = False) -> tuple[int, dict[str, str], bytes, int]:
-    """Call the app as a server would: ``receive`` hands out ``messages``, then awaits ``then``
-    (by default, forever). Returns status, headers, body and how many messages were taken.
-    ``lifespan`` runs the app's startup first (the model attached) in the same event loop."""
-    taken = 0
-
-    async def receive() -> dict[str, Any]:
-        nonlocal taken
-        if taken < len(messages):
-            taken += 1
-            return messages[taken - 1]
-        if then is not None:
-            return await then()
-        await asyncio.Event().wait()  # a client that never sends the rest
-        raise AssertionError("unreachable")
-
-    sent: list[dict[str, Any]] = []
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/v1/score", "raw_path": b"/v1/score", "query_string": b"", "root_path": "",
-             "headers": [(b"host", b"testserver"), *headers], "client": ("127.0.0.1", 50000),
-             "server": ("testserver", 80)}
-
-    async def main() -> None:
-        if lifespan:
-            async with app.router.lifespan_context(app):
-                await asyncio.wait_for(app(scope, receive, send), 20)
-        else:
-            await asyncio.wait_for(app(scope, receive, send), 20)
-
-    asyncio.run(main())
-    start = next(m for m in sent if m["type"] == "http.response.start")
-    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    return start["status"], {k.decode().lower(): v.decode() for k, v in start["headers"]}, body, taken
-
-
-def body_msg(data: bytes, more: bool = False) -> dict[str, Any]:
-    return {"type": "http.request", "body": data, "more_body": more}
-
-
-@pytest.fixture
-def bare_app(lm: LanguageModel) -> Any:
-    """An app whose lifespan has not run: what passes the guard gets 503 (no model yet)."""
-    return create_app(lm, ServerSettings(timeout=0.3, max_body_bytes=1000))
-
-
-def test_guard_passes_a_whole_body(bare_app: Any) -> None:
-    data = b'{"text": "the market"}'
-    status, _, body, _ = asgi_post(bare_app, [(b"content-type", b"application/json"),
-                                              (b"content-length", str(len(data)).encode())],
-                                   [body_msg(data[:5], True), body_msg(data[5:])])
-    assert status == 503 and "not loaded" in json.loads(body)["error"]  # past the guard
-
-
-def test_guard_refuses_a_body_shorter_than_its_length(bare_app: Any) -> None:
-    data = b'{"text": "the market"}'
-    status, _, body, _ = asgi_post(bare_app, [(b"content-type", b"application/json"), (b"content-length", b"40")],
-                                   [body_msg(data)])
-    assert status == 400
-    assert json.loads(body)["error"] == f"the body is {len(data)} bytes but its Content-Length says 40"
-
-
-def test_guard_times_out_a_body_that_never_completes(bare_app: Any) -> None:
-    t0 = time.monotonic()
-    status, headers, body, _ = asgi_post(bare_app, [(b"content-type", b"application/json"),
-                                                    (b"content-length", b"40")], [body_msg(b'{"text": ', True)])
-    elapsed = time.monotonic() - t0
-    assert status == 408 and "0.3 s" in json.loads(body)["error"]
-    assert headers.get("connection") == "close"
-    assert 0.25 < elapsed < 10
-
-
-def test_guard_refuses_a_client_that_disconnects(bare_app: Any) -> None:
-    async def disconnect() -> dict[str, Any]:
-        return {"type": "http.disconnect"}
-
-    status, _, body, _ = asgi_post(bare_app, [(b"content-type", b"application/json")], [body_msg(b'{"te', True)],
-                                   then=disconnect)
-    assert status == 400 and "disconnected" in json.loads(body)["error"]
-
-
-def test_guard_refuses_a_declared_length_over_the_limit_unread(bare_app: Any) -> None:
-    status, headers, body, taken = asgi_post(bare_app, [(b"content-type", b"application/json"),
-                                                        (b"content-length", b"5000")], [body_msg(b"x" * 5000)])
-    assert (status, taken) == (413, 0)  # refused before a byte was read
-    assert headers.get("connection") == "close" and "5,000" in json.loads(body)["error"]
-
-
-def test_guard_stops_reading_a_chunked_body_at_the_limit(bare_app: Any) -> None:
-    chunks = [body_msg(b"x" * 400, True) for _ in range(10)]
-    status, _, body, taken = asgi_post(bare_app, [(b"content-type", b"application/json")], chunks)
-    assert (status, taken) == (413, 3)  # 1,200 bytes > 1,000: the other 2,800 never read
-    assert "1,000" in json.loads(body)["error"]
-
-
-def test_guard_refuses_a_length_that_is_not_a_number(bare_app: Any) -> None:
-    status, _, body, _ = asgi_post(bare_app, [(b"content-type", b"application/json"), (b"content-length", b"ten")],
-                                   [body_msg(b"{}")])
-    assert status == 400 and "Content-Length" in json.loads(body)["error"]
 
 
 # ---------------------------------------------------------------- loading, admission, draining
