@@ -210,8 +210,7 @@ def _lstm_nodes(node: onnx.NodeProto, cell: LSTMCell, index: int) -> tuple[list[
 
     w = gates(cell.input_proj.weight.detach().numpy())
     r = gates(cell.hidden_proj.weight.detach().numpy())
-    bias = cell.input_proj.bias.detach().numpy().copy()
-    bias[H : 2 * H] += cell.forget_bias
+    bias = cell.input_bias().detach().numpy()  # the forget bias folded in: the cell's one place for it
     b = np.concatenate([gates(bias), np.zeros(4 * H, np.float32)])
     inits = [numpy_helper.from_array(np.ascontiguousarray(w[None], np.float32), p + "W"),
              numpy_helper.from_array(np.ascontiguousarray(r[None], np.float32), p + "R"),
