@@ -277,17 +277,9 @@ def export_bundle(
     step_spec, score_spec = spec.step_graph(states, cfg.vocab_size), spec.score_graph(states)
 
     with staging_dir(out_dir.parent, out_dir.name) as tmp:
-        step_path, score_path = tmp / spec.STEP_FILE, tmp / spec.SCORE_FILE
-        graphs = {"step": _trace(StepGraph(model).eval(), _example_args(states, None), step_spec, step_path, opset),
-                  # A quantized bundle's LSTM layers are Scans: their products can then be quantized
-                  "score": _trace(ScoreGraph(model).eval(), _example_args(states, chunk), score_spec, score_path, opset,
-                                  fuse_lstm=not quantize)}
+        advance = (spec.advance_graph(states), advance_chunk) if advance_chunk else None
+        graphs = _trace_graphs(model, states, step_spec, score_spec, advance, tmp, opset, chunk, fuse_lstm=not quantize)
         vocab.save(tmp / spec.VOCAB_FILE)
-        advance = None
-        if advance_chunk:
-            advance = (spec.advance_graph(states), advance_chunk)
-            graphs["advance"] = _trace(AdvanceGraph(model).eval(), _advance_args(states, advance_chunk),
-                                       advance[0], tmp / spec.ADVANCE_FILE, opset, fuse_lstm=not quantize)
         stage = functools.partial(_manifest, cfg, vocab, states, step_spec, score_spec, chunk, opset, source, tmp,
                                   advance=advance)
         stage({})
@@ -309,11 +301,7 @@ def export_bundle(
                 advance_report = _validate_advance(model, lm, QUANT_STATE_TOLERANCE)
             if valid_ids is not None:  # the quantized bundle's own perplexity
                 metrics = {"valid_tokens": len(valid_ids), "valid_nll": quant["nll"], "valid_ppl": quant["ppl"]}
-        validation = {"tolerance": quant["validation"]["tolerance"] if quant else tolerance,
-                      "max_abs_logprob_diff": report.max_logprob_diff, "max_abs_state_diff": report.max_state_diff,
-                      "cases": report.cases, "against": "eval-mode PyTorch, float32 weights"}
-        if advance_report is not None:
-            validation["advance"] = {"max_abs_state_diff": advance_report.max_state_diff, "cases": advance_report.cases}
+        validation = _validation_record(report, advance_report, quant["validation"]["tolerance"] if quant else tolerance)
         stage({"probe": _probe(lm, vocab, probe_tol), "validation": validation, "metrics": metrics, "quantization": quant})
         del lm
         if advance_chunk:  # the check serving runs when it first reads a prompt: the advance graph's state
@@ -325,6 +313,30 @@ def export_bundle(
         summary["quantization"] = {k: v for k, v in quant.items() if k != "products"}
         summary["quantization"]["choices"] = {f"{p['graph']}:{p['weight']}": p["chosen"] for p in quant["products"]}
     return summary
+
+
+def _trace_graphs(model: LanguageModel, states: list[spec.StateSpec], step_spec: spec.GraphSpec, score_spec: spec.GraphSpec,
+                  advance: tuple[spec.GraphSpec, int] | None, tmp: Path, opset: int, chunk: int, *,
+                  fuse_lstm: bool) -> dict[str, onnx.ModelProto]:
+    """Trace the step and scoring graphs (and the advance graph, given its spec and chunk) into ``tmp``.
+    ``fuse_lstm`` False keeps LSTM layers as Scans (a quantized bundle: their products can then be quantized)."""
+    graphs = {"step": _trace(StepGraph(model).eval(), _example_args(states, None), step_spec, tmp / spec.STEP_FILE, opset),
+              "score": _trace(ScoreGraph(model).eval(), _example_args(states, chunk), score_spec, tmp / spec.SCORE_FILE,
+                              opset, fuse_lstm=fuse_lstm)}
+    if advance is not None:
+        graphs["advance"] = _trace(AdvanceGraph(model).eval(), _advance_args(states, advance[1]), advance[0],
+                                   tmp / spec.ADVANCE_FILE, opset, fuse_lstm=fuse_lstm)
+    return graphs
+
+
+def _validation_record(report: Report, advance_report: Report | None, tolerance: float) -> dict[str, Any]:
+    """The manifest's ``validation``: the bundle against eval-mode PyTorch, the advance graph's state too."""
+    validation: dict[str, Any] = {"tolerance": tolerance, "max_abs_logprob_diff": report.max_logprob_diff,
+                                  "max_abs_state_diff": report.max_state_diff, "cases": report.cases,
+                                  "against": "eval-mode PyTorch, float32 weights"}
+    if advance_report is not None:
+        validation["advance"] = {"max_abs_state_diff": advance_report.max_state_diff, "cases": advance_report.cases}
+    return validation
 
 
 def score_ids(lm: Runtime, ids: np.ndarray) -> float:

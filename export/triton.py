@@ -114,42 +114,57 @@ def write_triton_repository(
     # The runtime that ships the bundle checks its graphs' inputs and outputs against the manifest and
     # reruns its probe: one graph-I/O check for export, serving and this copy.
     Runtime(bundle, device="cpu", eager=True)
-    source = onnx.load(str(step_path))
-    model = with_sequence_controls(source, states)
+    model_bytes = _verified_copy(step_path, inputs, states, bundle.vocab_size)
+    bundle.read_vocab()  # refuse a vocabulary that disagrees with the manifest
+    vocab_bytes = (bundle.path / m["vocab"]["file"]).read_bytes()
+    config = render_config(name, max_batch_size, round(max_sequence_idle_seconds * 1e6), inputs, outputs, states,
+                           labels=("vocab.txt", bundle.vocab_size), comment=f"the step graph of a {m['cell']} language model")
+
+    step_sha256 = m["files"][m["graphs"]["step"]["file"]]["sha256"]
+    marker = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "model": name,
+        "bundle": str(bundle.path.resolve()), "bundle_step_sha256": step_sha256,
+        "controls": {START: "CONTROL_SEQUENCE_START, int32 0/1: zero the incoming state",
+                     READY: "CONTROL_SEQUENCE_READY, int32 0/1: 0 = padding slot, state kept"},
+        "state": [{"input": s.input, "output": s.output, "dims": list(s.dims)} for s in states],
+    }
+    _write_model_dir(repo, name, {f"{VERSION}/model.onnx": model_bytes, "vocab.txt": vocab_bytes,
+                                  "config.pbtxt": config.encode()}, marker)
+    return repo / name
+
+
+def _verified_copy(step_path: Path, inputs: list[_Tensor], states: list[_State], vocab_size: int) -> bytes:
+    """The step graph with Triton's sequence controls (``with_sequence_controls``), serialized, once
+    onnx's checker passes it and onnxruntime runs it to within TOLERANCE of the original."""
+    model = with_sequence_controls(onnx.load(str(step_path)), states)
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as e:
         raise RnnlmError(f"the Triton copy of {step_path} fails onnx's checker: {e}", code=1) from None
     model_bytes = model.SerializeToString()
     try:
-        worst = _verify(step_path.read_bytes(), model_bytes, inputs, states, bundle.vocab_size)
+        worst = _verify(step_path.read_bytes(), model_bytes, inputs, states, vocab_size)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidArgument types
         raise RnnlmError(f"the Triton copy of {step_path} does not run in onnxruntime: "
                          f"{str(e).splitlines()[0][:300]}", code=1) from None
     if not worst <= TOLERANCE:  # also catches NaN
         raise RnnlmError(f"the Triton copy of {step_path} differs from it by {worst:.2e} (> {TOLERANCE:g}): "
                          "nothing written", code=1)
-    bundle.read_vocab()  # refuse a vocabulary that disagrees with the manifest
-    vocab_bytes = (bundle.path / m["vocab"]["file"]).read_bytes()
-    config = render_config(name, max_batch_size, round(max_sequence_idle_seconds * 1e6), inputs, outputs, states,
-                           labels=("vocab.txt", bundle.vocab_size), comment=f"the step graph of a {m['cell']} language model")
+    return model_bytes
 
-    # The temporary directory lives in the repository itself, so the final rename never crosses file
-    # systems (a repository is often a mounted volume). A Triton polling the repository may log a
-    # failed load of it meanwhile; one started with the default --model-control-mode=none never sees it.
+
+def _write_model_dir(repo: Path, name: str, files: dict[str, bytes], marker: dict[str, Any]) -> None:
+    """Write ``files`` (relative path -> bytes) and rnnlm's marker (``marker`` plus each file's sha256
+    and size) as ``repo/name``, replacing it in one rename.
+
+    The temporary directory lives in the repository itself, so the final rename never crosses file
+    systems (a repository is often a mounted volume). A Triton polling the repository may log a
+    failed load of it meanwhile; one started with the default --model-control-mode=none never sees it."""
     with staging_dir(repo, name) as tmp:
-        atomic_write_bytes(tmp / VERSION / "model.onnx", model_bytes)
-        atomic_write_bytes(tmp / "vocab.txt", vocab_bytes)
-        atomic_write_text(tmp / "config.pbtxt", config)
-        files = ("config.pbtxt", f"{VERSION}/model.onnx", "vocab.txt")
-        marker = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "model": name,
-            "bundle": str(bundle.path.resolve()), "bundle_step_sha256": m["files"][m["graphs"]["step"]["file"]]["sha256"],
-            "controls": {START: "CONTROL_SEQUENCE_START, int32 0/1: zero the incoming state",
-                         READY: "CONTROL_SEQUENCE_READY, int32 0/1: 0 = padding slot, state kept"},
-            "state": [{"input": s.input, "output": s.output, "dims": list(s.dims)} for s in states],
-            "files": {f: {"sha256": sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files},
-        }
+        for rel, data in files.items():
+            atomic_write_bytes(tmp / rel, data)
+        marker = {**marker, "files": {f: {"sha256": sha256(tmp / f), "bytes": (tmp / f).stat().st_size}
+                                      for f in ("config.pbtxt", f"{VERSION}/model.onnx", "vocab.txt")}}
         atomic_write_text(tmp / MARKER, json.dumps(marker, indent=2) + "\n")
         # mkdtemp and the atomic writes create 0700/0600, but Triton often runs in a container as
         # another user: the repository is meant to be read by it.
@@ -158,7 +173,6 @@ def write_triton_repository(
         if (repo / name).is_symlink() or (repo / name).is_file():  # only with force: replace_dir moves directories
             (repo / name).unlink()
         replace_dir(tmp, repo / name)
-    return repo / name
 
 
 # ----------------------------------------------------------------------------- the destination
