@@ -5,8 +5,8 @@ and a float32 or int8 product of an RHN's size, on synthetic graphs (no bundle n
 
 Each graph is a Scan over --steps steps whose body chains the named nodes from a [1, H] state: "loop"
 (the state passed through), "+30 Tanh" (30 elementwise nodes), "1 Gemm" and "3 Gemm" (H -> 2H
-float32 products, the first half kept, as in an RHN micro-layer), "3 int8" (the same three as
-``DynamicQuantizeMatMul``, per-column scales, what a quantized bundle runs). Printed: microseconds per
+float32 products, the first half kept, as in an RHN micro-layer), "3 int8" (the same three in the
+exporter's int8 form, ``export.quantize.int8_nodes``: what a quantized bundle runs). Printed: microseconds per
 step, best of 3. A step graph of N small nodes and P products costs about loop + N x node + P x
 product: the bound that bench/RESULTS.md's "The 1 MiB prompt, session 5" quotes.
 """
@@ -19,6 +19,7 @@ import time
 import numpy as np
 import onnxruntime as ort
 from onnx import NodeProto, TensorProto, ValueInfoProto, helper, numpy_helper
+from rnnlm.export.quantize import int8_nodes
 
 
 def body(h: int, products: int, elementwise: int, int8: bool) -> tuple[list[NodeProto], list[TensorProto]]:
@@ -31,12 +32,10 @@ def body(h: int, products: int, elementwise: int, int8: bool) -> tuple[list[Node
     starts = [numpy_helper.from_array(np.array(v), n) for v, n in (([0], "zero"), ([h], "h"), ([1], "axis"))]
     for i in range(products):
         w = (rng.standard_normal((h, 2 * h)) * 0.01).astype(np.float32)
-        if int8:
-            scale = np.abs(w).max(0) / 127
-            inits += [numpy_helper.from_array(np.round(w / scale).astype(np.int8), f"w{i}"),
-                      numpy_helper.from_array(scale.astype(np.float32), f"sc{i}")]
-            nodes.append(helper.make_node("DynamicQuantizeMatMul", [prev, f"w{i}", f"sc{i}"], [f"g{i}"],
-                                          domain="com.microsoft"))
+        if int8:  # the exporter's own int8 form
+            product, weights = int8_nodes(prev, f"g{i}", f"w{i}", w, "", 1.0)
+            nodes += product
+            inits += weights
         else:
             inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(np.zeros(2 * h, np.float32), f"b{i}")]
             nodes.append(helper.make_node("Gemm", [prev, f"w{i}", f"b{i}"], [f"g{i}"]))

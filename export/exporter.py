@@ -405,9 +405,13 @@ def _quantize(model: LanguageModel, graphs: dict[str, onnx.ModelProto], tmp: Pat
     if mode == "int8":  # every product int8, as asked; the measurement is still recorded
         for r in rows:
             r["chosen"] = "int8"
+    ranges = quantize.activation_ranges(graphs["step"], [(s.input, s.output) for s in state_layout(model)],
+                                        ids[:STEP_CHECK_TOKENS], lm.eos_id)
+    for r in rows:
+        r["activation_range"] = ranges.get(quantize.content_key(quantize.weights(measured[r["graph"]])[r["weight"]]))
     attempts: list[dict[str, Any]] = []
     while True:
-        lm = _stage_quantized(graphs, rows, tmp, stage)
+        lm = _stage_quantized(graphs, rows, ranges, tmp, stage)
         nllq, tq = _nlls(lm, ids)
         rises = {g: math.exp(nllq[g] - nll32[g]) - 1 for g in nllq}
         try:
@@ -431,8 +435,9 @@ def _quantize(model: LanguageModel, graphs: dict[str, onnx.ModelProto], tmp: Pat
                              f"{max_ppl_rise:.2%}: no bundle written", code=1)
     assert report is not None
     ppl32, pplq = math.exp(nll32["score"]), math.exp(nllq["score"])
-    result = {"mode": mode, "method": "per product by measurement: fp32, int8 (DynamicQuantizeMatMul, per-column "
-              "scales), 4-bit (MatMulNBits), bf16 where onnxruntime has a kernel", "threads": threads,
+    result = {"mode": mode, "method": "per product by measurement: fp32, int8 (MatMulIntegerToFloat, per-column "
+              "weight scales, one activation scale per product calibrated at export: activation_range), 4-bit "
+              "(MatMulNBits), bf16 where onnxruntime has a kernel", "threads": threads,
               "products": rows, "attempts": attempts, "text": "PTB valid" if is_valid else "sampled from the model",
               "tokens": int(len(ids)), "fp32_ppl": ppl32, "ppl": pplq, "nll": nllq["score"] * len(ids),
               "ppl_rise": rises["score"], "step_graph_ppl_rise": rises["step"],
@@ -447,17 +452,18 @@ def _quantize(model: LanguageModel, graphs: dict[str, onnx.ModelProto], tmp: Pat
 GRAPH_FILES = {"step": spec.STEP_FILE, "score": spec.SCORE_FILE, "advance": spec.ADVANCE_FILE}
 
 
-def _stage_quantized(graphs: dict[str, onnx.ModelProto], rows: list[dict[str, Any]], tmp: Path,
-                     stage: Callable[[dict[str, Any]], Any]) -> Runtime:
-    """Write the graphs with the products' chosen forms, restage the manifest, load it in the runtime.
-    The advance graph is the scoring graph's recurrence: its products take the forms chosen for the
-    scoring graph's products with the same weights, so that both reach the same state."""
+def _stage_quantized(graphs: dict[str, onnx.ModelProto], rows: list[dict[str, Any]],
+                     ranges: dict[quantize.ContentKey, float], tmp: Path, stage: Callable[[dict[str, Any]], Any]) -> Runtime:
+    """Write the graphs with the products' chosen forms (int8 ones with their calibrated activation
+    ``ranges``), restage the manifest, load it in the runtime. The advance graph is the scoring graph's
+    recurrence: its products take the forms chosen for the scoring graph's products with the same
+    weights, so that both reach the same state."""
     for key, graph in graphs.items():
         q = onnx.ModelProto()
         q.CopyFrom(graph)
         forms = quantize.forms_by_weights(graph, graphs["score"], [r for r in rows if r["graph"] == "score"]) \
             if key == "advance" else {r["weight"]: r["chosen"] for r in rows if r["graph"] == key}
-        quantize.apply_forms(q, forms)
+        quantize.apply_forms(q, forms, ranges)
         _save_shared(q, tmp / GRAPH_FILES[key])
     stage({})
     try:

@@ -12,8 +12,10 @@ products, where quantizing the activations costs more than it saves. So the choi
   (per-line scoring runs that many sequences side by side), in every candidate form:
 
   * ``fp32``: MatMul, unchanged;
-  * ``int8``: com.microsoft DynamicQuantizeMatMul, symmetric int8 weights with one scale per
-    output column, activations quantized per call (VNNI on CPUs that have it);
+  * ``int8``: QuantizeLinear + com.microsoft MatMulIntegerToFloat, symmetric int8 weights with one
+    scale per output column, activations quantized with one fixed scale per product, calibrated at
+    export (``activation_ranges``), so that a row's result never depends on the other rows of its
+    call (VNNI on CPUs that have it);
   * ``nbits4-b{block}-a{level}``: com.microsoft MatMulNBits, 4-bit weights in blocks of
     ``block`` along K, ``accuracy_level`` ``level`` (0: float compute; 4: int8 compute);
   * ``bf16``: Cast + MatMul in bfloat16, which runs only where onnxruntime has a kernel for it
@@ -97,12 +99,17 @@ def forms_by_weights(model: onnx.ModelProto, reference: onnx.ModelProto, rows: l
     same matrix. The tracer names a folded constant after its place in the graph, so one matrix can have
     other names in two graphs traced from the same model (the advance and the scoring graph)."""
     ref = weights(reference)
-    chosen = {_content(ref[r["weight"]]): r["chosen"] for r in rows if r["weight"] in ref}
-    return {name: chosen[key] for name, t in weights(model).items() if (key := _content(t)) in chosen}
+    chosen = {content_key(ref[r["weight"]]): r["chosen"] for r in rows if r["weight"] in ref}
+    return {name: chosen[key] for name, t in weights(model).items() if (key := content_key(t)) in chosen}
 
 
-def _content(t: onnx.TensorProto) -> tuple[tuple[int, ...], int, bytes]:
+ContentKey = tuple[tuple[int, ...], int, bytes]
+
+
+def content_key(t: onnx.TensorProto) -> ContentKey:
+    """A matrix's identity by value (shape, dtype, sha256 of its bytes), whatever its name in a graph."""
     return tuple(t.dims), t.data_type, hashlib.sha256(numpy_helper.to_array(t).tobytes()).digest()
+
 
 
 # ------------------------------------------------------------------------------ the forms
@@ -128,19 +135,16 @@ def nbits4_weights(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
     return packed, scales
 
 
-def form_nodes(form: str, x: str, y: str, weight: str, w: np.ndarray,
-               bias: str = "") -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+def form_nodes(form: str, x: str, y: str, weight: str, w: np.ndarray, bias: str = "",
+               act_range: float = 1.0) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """Nodes computing y = x @ w (+ bias, a 1-D initializer's name, for the quantized forms) in ``form``,
-    and the initializers they need (named after ``weight``)."""
+    and the initializers they need (named after ``weight``). ``act_range``: the int8 form's fixed
+    activation range, |x| <= act_range (beyond it, x saturates)."""
     k, n = w.shape
     if form == "fp32":
         return [helper.make_node("MatMul", [x, weight], [y])], [numpy_helper.from_array(w, weight)]
     if form == "int8":
-        q, scale = int8_weights(w)
-        names = [f"{weight}.int8", f"{weight}.int8_scale"]
-        ins = [x, *names, "", bias] if bias else [x, *names]  # inputs 4 and 5: zero point (none), bias
-        node = helper.make_node("DynamicQuantizeMatMul", ins, [y], domain=MS_DOMAIN, name=f"{y}.int8")
-        return [node], [numpy_helper.from_array(q, names[0]), numpy_helper.from_array(scale, names[1])]
+        return int8_nodes(x, y, weight, w, bias, act_range)
     if form.startswith("nbits4-"):
         block, level = (int(part[1:]) for part in form.split("-")[1:])
         packed, scales = nbits4_weights(w, block)
@@ -163,6 +167,25 @@ def form_nodes(form: str, x: str, y: str, weight: str, w: np.ndarray,
     raise ValueError(f"unknown quantization form {form!r}")
 
 
+def int8_nodes(x: str, y: str, weight: str, w: np.ndarray, bias: str,
+               act_range: float) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The int8 form: x quantized with one fixed scale (``act_range`` / 127, uint8 around 128: the
+    u8 x s8 kernels VNNI runs), then MatMulIntegerToFloat, which rescales and adds ``bias`` as it
+    writes y. onnxruntime's DynamicQuantizeMatMul would quantize x with the range of each call's rows
+    together: a sentence's score would then depend on what shares its call (a batch, a chunk)."""
+    q, scale = int8_weights(w)
+    a_scale = np.float32(act_range / 127.0 if act_range > 0 else 1.0 / 127.0)
+    names = [f"{weight}.int8", f"{weight}.int8_scale", f"{weight}.act_scale", f"{weight}.act_zero"]
+    xq = f"{y}.xq"
+    quant = helper.make_node("QuantizeLinear", [x, names[2], names[3]], [xq], name=f"{y}.xq")
+    ins = [xq, names[0], names[2], names[1], names[3], "", bias] if bias else [xq, names[0], names[2], names[1], names[3]]
+    product = helper.make_node("MatMulIntegerToFloat", ins, [y], domain=MS_DOMAIN, name=f"{y}.int8")
+    inits = [numpy_helper.from_array(q, names[0]), numpy_helper.from_array(scale, names[1]),
+             numpy_helper.from_array(np.array(a_scale, np.float32), names[2]),
+             numpy_helper.from_array(np.array(128, np.uint8), names[3])]
+    return [quant, product], inits
+
+
 def candidate_forms() -> list[str]:
     return ["fp32", "int8", *(f"nbits4-b{b}-a{a}" for b in BLOCKS for a in ACCURACY_LEVELS), "bf16"]
 
@@ -174,22 +197,22 @@ def is_quantized(form: str) -> bool:
 # ------------------------------------------------------------------------------ measuring
 
 
-def one_node_model(form: str, w: np.ndarray) -> bytes:
+def one_node_model(form: str, w: np.ndarray, act_range: float = 1.0) -> bytes:
     k, n = w.shape
-    nodes, inits = form_nodes(form, "x", "y", "w", w)
+    nodes, inits = form_nodes(form, "x", "y", "w", w, act_range=act_range)
     graph = helper.make_graph(nodes, "product", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["m", k])],
                               [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["m", n])], inits)
     opsets = [helper.make_opsetid("", 18), helper.make_opsetid(MS_DOMAIN, 1)]
     return helper.make_model(graph, opset_imports=opsets, ir_version=9).SerializeToString()
 
 
-def _session(form: str, w: np.ndarray, threads: int) -> Any:
+def _session(form: str, w: np.ndarray, threads: int, act_range: float) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
-    return ort.InferenceSession(one_node_model(form, w), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(one_node_model(form, w, act_range), opts, providers=["CPUExecutionProvider"])
 
 
 def time_forms(forms: list[str], w: np.ndarray, rows: int, threads: int) -> list[dict[str, Any]]:
@@ -202,7 +225,7 @@ def time_forms(forms: list[str], w: np.ndarray, rows: int, threads: int) -> list
     live: dict[str, tuple[Any, int, list[float]]] = {}
     for form in forms:
         try:
-            sess = _session(form, w, threads)
+            sess = _session(form, w, threads, float(np.abs(x).max()))
             y = sess.run(None, {"x": x})[0]
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types; the refusal is the measurement
             out[form] = {"form": form, "seconds": None, "unavailable": str(e).splitlines()[0][:160]}
@@ -272,22 +295,75 @@ def choose(product: Product, w: np.ndarray, threads: int, forms: list[str] | Non
 _time_form_default = time_form
 
 
+# ------------------------------------------------------------------------------ calibration
+
+
+def activation_ranges(step: onnx.ModelProto, states: list[tuple[str, str]], ids: np.ndarray, eos_id: int,
+                      streams: int = 32) -> dict[ContentKey, float]:
+    """The range of every product's input (max |x|), by its weight's content, for the int8 form's
+    fixed activation scale. Every product of the scoring and advance graphs is also a product of the
+    step graph (one step of the same cell, without Scan), where its input is a tensor of the main graph:
+    ``ids`` are stepped through the float32 step graph, ``streams`` side by side from fresh states, with
+    those tensors as extra outputs. An input gathered from a table (the embedding) takes the table's
+    max |value| instead: a token the text never used cannot exceed it. ``states``: (input, output)
+    names of each state field."""
+    import onnxruntime as ort
+
+    graph = step.graph
+    inits = {i.name: i for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    watched: dict[str, list[ContentKey]] = {}
+    ranges: dict[ContentKey, float] = {}
+    for n in graph.node:
+        if n.op_type != "MatMul" or n.input[1] not in inits or inits[n.input[1]].data_type != onnx.TensorProto.FLOAT:
+            continue
+        key, src = content_key(inits[n.input[1]]), producers.get(n.input[0])
+        if src is not None and src.op_type == "Gather" and src.input[0] in inits:
+            ranges[key] = max(ranges.get(key, 0.0), float(np.abs(numpy_helper.to_array(inits[src.input[0]])).max()))
+        else:
+            watched.setdefault(n.input[0], []).append(key)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(step)
+    names = sorted(watched)
+    probe.graph.output.extend(helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None) for x in names)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    outputs = [o.name for o in sess.get_outputs()]
+    sizes = {i.name: i.shape[1] for i in sess.get_inputs() if i.name != "token_ids"}
+    n = max(len(ids) // streams, 1)
+    cols = np.resize(np.asarray(ids, np.int64), n * streams).reshape(streams, n).T
+    feed = {inp: np.zeros((streams, sizes[inp]), np.float32) for inp, _ in states}
+    prev, seen = np.full(streams, eos_id, np.int64), dict.fromkeys(names, 0.0)
+    for t in range(n):
+        got = dict(zip(outputs, sess.run(None, {"token_ids": prev, **feed}), strict=True))
+        for x in names:
+            seen[x] = max(seen[x], float(np.abs(got[x]).max()))
+        feed = {inp: got[out] for inp, out in states}
+        prev = cols[t]
+    for x, keys in watched.items():
+        for key in keys:
+            ranges[key] = max(ranges.get(key, 0.0), seen[x])
+    return ranges
+
+
 # ------------------------------------------------------------------------------ rewriting
 
 
-def apply_forms(model: onnx.ModelProto, forms: dict[str, str]) -> int:
+def apply_forms(model: onnx.ModelProto, forms: dict[str, str], ranges: dict[ContentKey, float]) -> int:
     """Rewrite every MatMul whose weight has a quantized form in ``forms`` (weight name -> form), in place,
     in the main graph and its Scan bodies. A bias Add that follows (a 1-D initializer of N values) is
     folded into the quantized node, which adds it as it writes its output: the decoder's logits are then
     written once, not read back and rewritten ([rows, 10,000] floats, measured 23 % of batched scoring).
+    ``ranges``: each int8 product's activation range, by its weight's content (``activation_ranges``).
     Returns the number of products rewritten; float32 weights no node uses any more are dropped."""
-    rewritten = sum(_apply_forms(graph, forms) for graph in reversed(graphs_of(model)))  # innermost first
+    rewritten = sum(_apply_forms(graph, forms, ranges) for graph in reversed(graphs_of(model)))  # innermost first
     if rewritten and not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return rewritten
 
 
-def _apply_forms(graph: onnx.GraphProto, forms: dict[str, str]) -> int:
+def _apply_forms(graph: onnx.GraphProto, forms: dict[str, str], ranges: dict[ContentKey, float]) -> int:
     inits = {i.name: i for i in graph.initializer}
     arrays: dict[str, np.ndarray] = {}
     added: set[str] = set()
@@ -307,7 +383,13 @@ def _apply_forms(graph: onnx.GraphProto, forms: dict[str, str]) -> int:
         if form == "bf16" or (bias and list(inits[bias].dims) != [arrays[weight].shape[1]]):
             add, bias = None, ""
         out = add.output[0] if add is not None else node.output[0]
-        new_nodes, new_inits = form_nodes(form, node.input[0], out, weight, arrays[weight], bias)
+        act_range = 1.0
+        if form == "int8":
+            key = content_key(inits[weight])
+            if key not in ranges:
+                raise ValueError(f"{weight}: no activation range was calibrated for this int8 product")
+            act_range = ranges[key]
+        new_nodes, new_inits = form_nodes(form, node.input[0], out, weight, arrays[weight], bias, act_range)
         if add is not None:
             skip.add(id(add))
         for i, n in enumerate(new_nodes):

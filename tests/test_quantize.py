@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -66,11 +67,14 @@ def test_quantized_bundle_is_measured_validated_and_loads(built: Callable[[str, 
     # The graphs hold what the manifest says was chosen.
     ops = {n.op_type for name in ("step.onnx", "score.onnx") for g in graphs_of(onnx.load(str(out / name))) for n in g.node}
     chosen = {p["chosen"] for p in q["products"]}
-    assert ("DynamicQuantizeMatMul" in ops) == ("int8" in chosen)
+    assert ("MatMulIntegerToFloat" in ops) == ("int8" in chosen)
     assert ("MatMulNBits" in ops) == any(c.startswith("nbits4") for c in chosen)
+    assert "DynamicQuantizeMatMul" not in ops  # its activation scale would depend on the call's other rows
     if mode == "int8":  # the decoder's bias is added by the quantized product itself, not by an Add after it
         score_nodes = onnx.load(str(out / "score.onnx")).graph.node
-        assert any(n.op_type == "DynamicQuantizeMatMul" and len(n.input) == 5 and n.input[4] for n in score_nodes)
+        assert any(n.op_type == "MatMulIntegerToFloat" and len(n.input) == 7 and n.input[6] for n in score_nodes)
+    # Every product's activation range calibrated at export, and recorded.
+    assert all(p["activation_range"] > 0 for p in q["products"])
     assert sorted(p.name for p in out.iterdir()) == sorted(BUNDLE_FILES)
     for name, meta in m["files"].items():
         assert meta["sha256"] == file_sha256(out / name)
@@ -90,6 +94,47 @@ def test_quantized_bundle_is_measured_validated_and_loads(built: Callable[[str, 
     rq, r32 = Runtime.load(out, threads=1).score(text), Runtime.load(fp32.bundle, threads=1).score(text)
     assert rq.tokens == r32.tokens == 16
     assert abs(rq.ppl / r32.ppl - 1) < 0.05
+    check_calibration(fp32.checkpoint, q["products"])
+    check_batch_independence(Runtime.load(out, threads=1))
+
+
+def check_calibration(checkpoint: Path, products: list[dict]) -> None:
+    """The int8 activation ranges against PyTorch: the decoder's is the largest |h| that reaches the
+    decoder on the calibration text (the exporter's text's first STEP_CHECK_TOKENS, 32 streams from
+    fresh states); an input projection's, which reads embedding rows, is the table's max |value|."""
+    import torch
+    from rnnlm.export.exporter import STEP_CHECK_TOKENS, _sample_text
+
+    from rnnlm.checkpoint import load_model_dir
+
+    model, vocab = load_model_dir(checkpoint)
+    model.eval()
+    ids = _sample_text(model, vocab, 3000)[:STEP_CHECK_TOKENS]
+    n = len(ids) // 32
+    cols = torch.as_tensor(np.resize(ids, n * 32).reshape(32, n).T)
+    seen: list[float] = []
+    hook = model.decoder.register_forward_hook(lambda mod, args, out: seen.append(float(args[0].abs().max())))
+    with torch.no_grad():
+        state, prev = model.init_state(32), torch.full((32,), vocab.eos_id)
+        for t in range(n):
+            _, state = model.step(prev, state)
+            prev = cols[t]
+    hook.remove()
+    V, H = model.decoder.weight.shape
+    decoder = [p for p in products if p["shape"] == [H, V]]
+    assert decoder and all(p["activation_range"] == pytest.approx(max(seen), rel=1e-5) for p in decoder)
+    table = float(model.embedding.weight.detach().abs().max())
+    assert any(p["activation_range"] == pytest.approx(table, rel=1e-6) for p in products if p["shape"] != [H, V])
+
+
+def check_batch_independence(lm: Any) -> None:
+    """A quantized bundle scores a sentence alike alone and among others (one fixed activation scale per
+    product, not one per call): each sentence's log-probabilities alone and in one batch of all."""
+    rng = np.random.default_rng(5)
+    seqs = [list(rng.integers(1, V, int(rng.integers(1, 3 * CHUNK)))) for _ in range(12)]
+    batched = lm.sequence_logprobs(seqs, batch_size=len(seqs))
+    for s, b in zip(seqs, batched, strict=True):
+        assert np.abs(lm.sequence_logprobs([s], batch_size=1)[0] - b).max() <= 1e-6
 
 
 def form_of_matrices(model: onnx.ModelProto) -> set[tuple[str, bytes]]:
@@ -97,7 +142,7 @@ def form_of_matrices(model: onnx.ModelProto) -> set[tuple[str, bytes]]:
     inits = {i.name: i for g in graphs_of(model) for i in g.initializer}
     return {(n.op_type, onnx.numpy_helper.to_array(inits[n.input[1]]).tobytes()) for g in graphs_of(model)
             for n in g.node
-            if n.op_type in ("DynamicQuantizeMatMul", "MatMulNBits")}
+            if n.op_type in ("MatMulIntegerToFloat", "MatMulNBits")}
 
 
 def _fake_timings(form: str, w: np.ndarray, rows: int, threads: int) -> dict:
@@ -139,8 +184,12 @@ def test_each_quantized_form_computes_the_product(form: str) -> None:
     rng = np.random.default_rng(3)
     w = rng.standard_normal((256, 300)).astype(np.float32) * 0.1
     x = rng.standard_normal((5, 256)).astype(np.float32)
-    sess = ort.InferenceSession(quantize.one_node_model(form, w), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(quantize.one_node_model(form, w, float(np.abs(x).max())), providers=["CPUExecutionProvider"])
     y = sess.run(None, {"x": x})[0]
+    # A row's product does not depend on the rows that share its call: int8's fixed activation scale makes
+    # it the same to the bit; the others' differ by float summation order alone (a one-row call is a GEMV).
+    alone = sess.run(None, {"x": x[1:2]})[0]
+    assert np.array_equal(alone, y[1:2]) if form == "int8" else np.abs(alone - y[1:2]).max() <= 1e-5 * np.abs(y).max()
     ref = x.astype(np.float64) @ w.astype(np.float64)
     rel = np.abs(y - ref).max() / np.abs(ref).max()
     # int8 per column: weights within scale/2 and activations in 8 bits, ~1 %; 4-bit blocks: ~10 %.
