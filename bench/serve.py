@@ -235,7 +235,7 @@ def bench_cell(cell: str, args: argparse.Namespace, corpus: Any, lines: list[str
           f"fp32 bundle vs torch fp32 {ratio(step['torch fp32'], step['rnnlm fp32'])}", flush=True)
 
     test = corpus.test[: args.tokens] if args.tokens else corpus.test
-    sc = exact_scoring(model, tq, lms, test, vocab.eos_id, lms["rnnlm fp32"].chunk)
+    sc = exact_scoring(model, tq, lms, test, vocab.eos_id, lms["rnnlm fp32"].score_steps(1))  # the same steps per call
     res["scoring"] = {k: {"seconds": t, "nll": n, "ppl": math.exp(n / len(test))} for k, (t, n) in sc.items()}
     n = len(test)
     print(f"  2. exact scoring, PTB test ({n:,} tokens), batch 1: " + ", ".join(

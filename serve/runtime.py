@@ -34,6 +34,12 @@ from rnnlm.errors import RnnlmError
 from rnnlm.text import Token, Tokenizer, check_text
 
 MAX_NEW_TOKENS = 10_000  # the cap on one generate call
+# Positions (steps x columns) a scoring call holds at least, in chunks, where the graph's step axis is
+# dynamic: a narrow batch (one stream: `rnnlm score FILE`, a session's text) gets calls of more than one
+# chunk, so that the decoder product runs on more rows at once. Measured at batch 1, two threads, PTB
+# test, 256 positions against 32 (bench/RESULTS.md, "Goals, session 7"): 1.08-1.23x the tokens/s for
+# every bundle, the same log-probabilities; 512 was no faster.
+CALL_CHUNKS = 8
 
 
 class LanguageModel:
@@ -184,9 +190,17 @@ class LanguageModel:
                    state: State | None = None, cancelled: Callable[[], bool] | None = None) -> tuple[np.ndarray, State]:
         """(L, B) inputs/targets, per-column lengths -> target log-probabilities (L, B) and final state,
         through the scoring graph (``chunks.run_chunks``)."""
-        picked, state = self._run_chunks("score", self.chunk, inputs, targets, lengths, state, cancelled)
+        picked, state = self._run_chunks("score", self.score_steps(inputs.shape[1]), inputs, targets, lengths, state,
+                                         cancelled)
         assert picked is not None
         return picked, state
+
+    def score_steps(self, columns: int) -> int:
+        """Steps per scoring call for a batch of ``columns`` sequences: the bundle's chunk, or as many as
+        make CALL_CHUNKS chunks' positions where the graph takes any number of steps."""
+        if fixed_steps(self.bundle.manifest["graphs"]["score"]):
+            return self.chunk
+        return max(self.chunk, CALL_CHUNKS * self.chunk // max(columns, 1))
 
     def _advance_ids(self, inputs: np.ndarray, lengths: np.ndarray, state: State | None = None,
                      cancelled: Callable[[], bool] | None = None) -> State:

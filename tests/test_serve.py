@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from bundles import CHUNK, STREAM_TEXT, TOKENS, WORDS, read_manifest, rehash, write_manifest
 from rnnlm.serve import BundleError, LanguageModel
+from rnnlm.serve.runtime import CALL_CHUNKS
 from typer.testing import CliRunner
 
 import rnnlm.text as text_mod
@@ -165,8 +166,8 @@ def recorded_steps(lm: LanguageModel) -> list[int]:
 @pytest.mark.parametrize("fixed", [False, True], ids=["dynamic-steps", "fixed-steps"])
 def test_calls_run_only_the_steps_that_hold_tokens(lstm_bundle: Path, tmp_path: Path, fixed: bool) -> None:
     """The scoring graph's step axis is dynamic: a call gets as many steps as its longest column
-    needs, not the whole chunk. A manifest that states the axis as the integer chunk (a bundle
-    exported before) gets padded calls of exactly that length, with the same results."""
+    needs, not the whole chunk, and a narrow batch up to CALL_CHUNKS chunks' positions a call. A manifest that states the axis as the integer chunk (a bundle exported before) gets
+    padded calls of exactly that length, with the same results."""
     bundle = shutil.copytree(lstm_bundle, tmp_path / "b")
     if fixed:
         m = read_manifest(bundle)
@@ -175,9 +176,14 @@ def test_calls_run_only_the_steps_that_hold_tokens(lstm_bundle: Path, tmp_path: 
         write_manifest(bundle, m)
     lm = LanguageModel.load(bundle, threads=1)
     steps = recorded_steps(lm)
-    seqs = [[5, 6, 7], [8, 9], list(range(4, 4 + CHUNK + 3))]
+    long = CALL_CHUNKS * CHUNK + 3  # one column: CALL_CHUNKS chunks a call, then 3 steps
+    seqs = [[5, 6, 7], [8, 9], [4 + i % 30 for i in range(long)]]
     got = lm.sequence_logprobs(seqs, batch_size=2)
-    assert steps == ([CHUNK, CHUNK, CHUNK] if fixed else [3, CHUNK, 3])  # [5 6 7]+[8 9]; then 35 = 32 + 3
+    if fixed:  # [5 6 7]+[8 9] padded to a chunk; then the long one a chunk at a time
+        assert steps == [CHUNK] * (1 + CALL_CHUNKS + 1)
+    else:  # [5 6 7]+[8 9]: 3 steps; then the long one alone
+        assert steps == [3, CALL_CHUNKS * CHUNK, 3]
+    assert lm.score_steps(1) == (CHUNK if fixed else CALL_CHUNKS * CHUNK) and lm.score_steps(64) == CHUNK
     for ids, lp in zip(seqs, got, strict=True):
         np.testing.assert_allclose(lp, step_reference(lm, ids), atol=1e-5)
 
