@@ -173,6 +173,22 @@ class Tokenizer:
     def stream(self, source: BinaryIO, name: str = "<input>") -> Iterator[Token]:
         return self.tokens(self.spec.stream_words(source, name))
 
+    def piece(self, token: str, before: str) -> str:
+        """The text ``token`` adds after the text ``before``: ``<eos>`` a newline; at character level
+        the character (``_`` a space); at word level the word, after a space unless it starts a line."""
+        if token == EOS:
+            return "\n"
+        if self.level == "char":
+            return " " if token == BOUNDARY else token
+        return token if not before or before.endswith("\n") else " " + token
+
+    def detokenize(self, tokens: Iterable[str]) -> str:
+        """Tokens back to text, piece by piece (``piece``): what ``rnnlm generate`` prints."""
+        out: list[str] = []
+        for t in tokens:
+            out.append(self.piece(t, out[-1] if out else ""))
+        return "".join(out)
+
 
 # --------------------------------------------------------------------------- reading text
 

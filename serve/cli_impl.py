@@ -159,16 +159,14 @@ def generate_command(prompt: str, *, model: Path | None, max_tokens: int, temper
         else:
             sys.stdout.write("".join(f"{prompt} {s}".strip() + "\n" for s in samples))
         return
-    # One sample: stream each token as it is produced.
-    sep = "" if lm.level == "char" else " "
+    # One sample: stream each token as it is produced, each piece as the tokenizer joins it to the text before.
     sys.stdout.write(prompt)
-    first = True
+    before = prompt
     for ids in lm.generate_ids(prompt, **kwargs):
         tid = int(ids[0])
         if stop and tid == lm.eos_id:
             break
-        piece = lm.detokenize([tid])
-        sys.stdout.write(piece if piece == "\n" else (("" if first and not prompt else sep) + piece))
+        before = lm.tokenizer.piece(lm.vocab[tid], before)
+        sys.stdout.write(before)
         sys.stdout.flush()
-        first = False
     sys.stdout.write("\n")

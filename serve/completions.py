@@ -65,21 +65,12 @@ class Usage:
 
 
 # ---------------------------------------------------------------------------- text and offsets
-def piece(lm: LanguageModel, token: str, before: str) -> str:
-    """The text a token adds after ``before``, as ``rnnlm generate`` prints it."""
-    if token == lm.tokenizer.eos:
-        return "\n"
-    if lm.level == "char":
-        return " " if token == "_" else token
-    return token if not before or before.endswith("\n") else " " + token
-
-
 def ids_prompt(lm: LanguageModel, ids: Sequence[int]) -> Prompt:
     """A prompt given as token ids: its text is what the tokens read as."""
     text, offsets, tokens = "", [], []
     for tid in ids:
         tok = lm.vocab[tid]
-        p = piece(lm, tok, text)
+        p = lm.tokenizer.piece(tok, text)
         offsets.append(len(text) + (1 if len(p) > 1 and p.startswith(" ") else 0))  # after its space
         text += p
         tokens.append(tok)
@@ -285,7 +276,7 @@ def _sample(lm: LanguageModel, ctx: Any, choices: list[Choice], args: Sampling,
                 row = rows[c.index % args.n]
                 tok = lm.vocab[tid]
                 top = top_map(lm, row, args.logprobs, tid, float(row[tid])) if args.logprobs is not None else None
-                c.add(piece(lm, tok, c.generated or c.base), tok, float(row[tid]), top)
+                c.add(lm.tokenizer.piece(tok, c.generated or c.base), tok, float(row[tid]), top)
                 if (delta := c.flush()) is not None:
                     yield delta
             if all(c.finished is not None for c in choices):

@@ -447,9 +447,7 @@ class LanguageModel:
         """Sample continuations of ``ctx`` (left unchanged): yields each step's token ids
         (num_samples,) with the log-probabilities (num_samples, vocab) they were drawn from.
         A sample that ended at ``<eos>`` keeps yielding ``<eos>`` until all have ended."""
-        from rnnlm.serve.sampling import sample
-
-        rng = np.random.default_rng(seed)
+        from rnnlm.serve.sampling import sample_steps
 
         def check() -> None:
             if cancelled is not None and cancelled():
@@ -457,21 +455,16 @@ class LanguageModel:
 
         check()
         logprobs, state = self.next_logprobs(ctx, num_samples)
-        stepper = BoundStepper(self.session("step"), self.states, state) if self.bind_state else None
-        done = np.zeros(num_samples, bool)
-        for _ in range(max_new_tokens):
-            nxt = sample(logprobs, rng, temperature=temperature, top_k=top_k, top_p=top_p)
-            nxt = np.where(done, self.eos_id, nxt)
-            yield nxt, logprobs
-            if stop_at_eos:
-                done |= nxt == self.eos_id
-                if done.all():
-                    return
-            check()
-            if stepper is not None:
-                logprobs = stepper.step(nxt)
-            else:
-                logprobs, state = self.step_ids(state, nxt)
+        if self.bind_state:
+            step = BoundStepper(self.session("step"), self.states, state).step
+        else:
+            def step(ids: np.ndarray) -> np.ndarray:
+                nonlocal state
+                out, state = self.step_ids(state, ids)
+                return out
+        yield from sample_steps(logprobs, step, np.random.default_rng(seed), eos_id=self.eos_id,
+                                max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                stop_at_eos=stop_at_eos, check=check)
 
     def check_generate(self, prompt: str, *, max_new_tokens: int = 50, temperature: float = 1.0,
                        top_k: int | None = None, top_p: float | None = None, num_samples: int = 1,
@@ -496,16 +489,9 @@ class LanguageModel:
 
     def sample_ids(self, columns: Sequence[np.ndarray], num_samples: int, *, stop_at_eos: bool = True) -> list[list[int]]:
         """The token ids of each sample from ``generate_ids``' columns, cut before ``<eos>`` when stopping there."""
-        out = []
-        for b in range(num_samples):
-            ids = [int(c[b]) for c in columns]
-            if stop_at_eos and self.eos_id in ids:
-                ids = ids[: ids.index(self.eos_id)]
-            out.append(ids)
-        return out
+        from rnnlm.serve.sampling import cut_samples
+
+        return cut_samples(columns, num_samples, self.eos_id if stop_at_eos else None)
 
     def detokenize(self, ids: Iterable[int]) -> str:
-        toks = [self.vocab[i] for i in ids]
-        if self.level == "char":
-            return "".join("\n" if t == self.tokenizer.eos else (" " if t == "_" else t) for t in toks)
-        return " ".join("\n" if t == self.tokenizer.eos else t for t in toks).replace(" \n ", "\n")
+        return self.tokenizer.detokenize(self.vocab[i] for i in ids)

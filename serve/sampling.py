@@ -7,6 +7,7 @@ onnxruntime-genai's and Hugging Face's: temperature, then top-k, then top-p.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -55,3 +56,34 @@ def sample(logprobs: np.ndarray, rng: np.random.Generator, *, temperature: float
         probs /= probs.sum(axis=-1, keepdims=True)
     u = rng.random((probs.shape[0], 1))
     return np.minimum((np.cumsum(probs, axis=-1) < u).sum(axis=-1), probs.shape[-1] - 1).astype(np.int64)
+
+
+def sample_steps(logprobs: np.ndarray, step: Callable[[np.ndarray], np.ndarray], rng: np.random.Generator, *,
+                 eos_id: int, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
+                 stop_at_eos: bool, check: Callable[[], None]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The sampling loop: from ``logprobs`` (samples, vocab), draw each sample's next id, yield (ids,
+    logprobs), and ``step`` the ids to the next log-probabilities, up to ``max_new_tokens`` times. A
+    sample that drew ``eos_id`` keeps yielding it; with ``stop_at_eos`` the loop ends once all have.
+    ``check`` runs before each step (it raises to stop: a cancelled request)."""
+    done = np.zeros(logprobs.shape[0], bool)
+    for _ in range(max_new_tokens):
+        nxt = np.where(done, eos_id, sample(logprobs, rng, temperature=temperature, top_k=top_k, top_p=top_p))
+        yield nxt, logprobs
+        if stop_at_eos:
+            done |= nxt == eos_id
+            if done.all():
+                return
+        check()
+        logprobs = step(nxt)
+
+
+def cut_samples(columns: Sequence[np.ndarray], num_samples: int, eos_id: int | None) -> list[list[int]]:
+    """Each sample's token ids from the loop's columns (one (samples,) array per step), cut before its
+    first ``eos_id`` (None: not cut)."""
+    out = []
+    for b in range(num_samples):
+        ids = [int(c[b]) for c in columns]
+        if eos_id is not None and eos_id in ids:
+            ids = ids[: ids.index(eos_id)]
+        out.append(ids)
+    return out

@@ -60,3 +60,27 @@ def test_stream_in_tiny_blocks_equals_text_tokens(tok: Tokenizer, block: int, mo
 def test_stream_and_text_tokens_agree_on_what_a_line_is(tok: Tokenizer) -> None:
     text = "the stock\x0cmarket\u2028fell\rrose\x85shares\n"
     assert texts(tok.stream(io.BytesIO(text.encode()), "t")) == texts(tok.text_tokens(text))
+
+
+@pytest.mark.parametrize("tokens,text", [
+    (["a", "b", "<eos>", "c"], "a b\nc"),
+    (["<eos>", "a"], "\na"),  # a line's first word takes no space before it
+    (["a", "<eos>"], "a\n"),  # nor does the newline
+    (["a", "<eos>", "<eos>", "b"], "a\n\nb"),
+    ([], ""),
+])
+def test_detokenize_joins_words_as_lines(tok: Tokenizer, tokens: list[str], text: str) -> None:
+    """The tokenizer's inverse, the one every generating path uses (``rnnlm generate``, the HTTP
+    server, OpenAI completions), piece by piece as they stream it."""
+    assert tok.detokenize(tokens) == text
+    streamed = ""
+    for t in tokens:
+        streamed += tok.piece(t, streamed)
+    assert streamed == text
+
+
+def test_detokenize_at_character_level() -> None:
+    """Characters as they are, the word boundary a space, and back: the line's own tokens."""
+    tok = Tokenizer(TextSpec(level="char"), Vocabulary(TOKENS))
+    assert tok.detokenize(["a", "_", "b", "<eos>", "b"]) == "a b\nb"
+    assert [t.text for t in tok.line_tokens("a b")] == ["a", "_", "b", "<eos>"]
