@@ -111,7 +111,6 @@ def content_key(t: onnx.TensorProto) -> ContentKey:
     return tuple(t.dims), t.data_type, hashlib.sha256(numpy_helper.to_array(t).tobytes()).digest()
 
 
-
 # ------------------------------------------------------------------------------ the forms
 
 
