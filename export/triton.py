@@ -163,8 +163,7 @@ def _write_model_dir(repo: Path, name: str, files: dict[str, bytes], marker: dic
     with staging_dir(repo, name) as tmp:
         for rel, data in files.items():
             atomic_write_bytes(tmp / rel, data)
-        marker = {**marker, "files": {f: {"sha256": sha256(tmp / f), "bytes": (tmp / f).stat().st_size}
-                                      for f in ("config.pbtxt", f"{VERSION}/model.onnx", "vocab.txt")}}
+        marker = {**marker, "files": {f: {"sha256": sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in sorted(files)}}
         atomic_write_text(tmp / MARKER, json.dumps(marker, indent=2) + "\n")
         # mkdtemp and the atomic writes create 0700/0600, but Triton often runs in a container as
         # another user: the repository is meant to be read by it.
