@@ -99,7 +99,7 @@ def lower(model: onnx.ModelProto, cells: list[Any], opset: int, *, fuse_lstm: bo
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         cell = cells[attrs["layer"]]
-        if fuse_lstm and _fits_onnx_lstm(cell):
+        if fuse_lstm and fits_onnx_lstm(cell):
             new_nodes, inits = _lstm_nodes(node, cell, attrs["layer"])
             graph.initializer.extend(inits)
         else:
@@ -191,7 +191,7 @@ def _prefix_names(graph: onnx.GraphProto, prefix: str) -> None:
 # ------------------------------------------------------------------------------ LSTM
 
 
-def _fits_onnx_lstm(cell: Any) -> bool:
+def fits_onnx_lstm(cell: Any) -> bool:
     """A plain LSTM layer is exactly ONNX's LSTM operator (dropout is off in eval mode)."""
     return isinstance(cell, LSTMCell) and cell.gate_norm is None and cell.cell_norm is None
 

@@ -50,6 +50,14 @@ class Report:
         return [c for c in self.cases if c["logprobs"] > tol or c["state"] > st]
 
 
+def load_staged(directory: Path) -> Runtime:
+    """The bundle staged in ``directory``, loaded by the runtime that ships it (on the CPU)."""
+    from rnnlm.serve.bundle import Bundle
+    from rnnlm.serve.runtime import LanguageModel as Runtime
+
+    return Runtime(Bundle.open(directory), device="cpu")
+
+
 def check_graph(path: Path) -> None:
     """onnx's full checker (the graphs' names, dtypes and ranks are the runtime's check, on load)."""
     try:

@@ -309,6 +309,11 @@ def export(
         from rnnlm.export.triton import write_triton_repository
 
         summary["triton"] = str(run(lambda: write_triton_repository(summary["bundle"], triton, force=force)))
+    emit(summary, as_json, _export_text(summary))
+
+
+def _export_text(summary: dict[str, Any]) -> str:
+    """``rnnlm export``'s report for people: where, how close to PyTorch, what quantization chose."""
     text = (f"wrote {summary['bundle']} in {summary['seconds']} s; validated against PyTorch: max |Δ log p| "
             f"{summary['max_abs_logprob_diff']:.1e}")
     if "valid_ppl" in summary:
@@ -319,9 +324,14 @@ def export(
                  f"{q['max_ppl_rise']:.2%}), scoring {q['scoring_speedup']:.2f}x faster; max |Δ log p| vs PyTorch "
                  f"{q['validation']['max_abs_logprob_diff']:.1e}\nproducts: "
                  + ", ".join(f"{k} {v}" for k, v in q["choices"].items()))
+        rec = q["recurrence"]
+        timed = ", ".join(f"{c['form']} {c['batch1_tokens_per_s']:,.0f} / {c['lines_tokens_per_s'] or 0:,.0f}"
+                          for c in rec["candidates"])
+        text += f"\nrecurrence: {rec['chosen']} " + (f"(tokens/s at batch 1 / on lines: {timed})" if timed
+                                                     else f"({rec['reason']})")
     if "triton" in summary:
         text += f"\nTriton model repository: {summary['triton']}"
-    emit(summary, as_json, text)
+    return text
 
 
 ModelOpt = Annotated[Path | None, typer.Option("--model", help="Bundle or model directory (default: the newest bundle under ./models).")]

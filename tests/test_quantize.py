@@ -116,12 +116,73 @@ def test_every_cell_quantizes_every_product_with_a_calibrated_range(built: Calla
     check_batch_independence(Runtime.load(out, threads=1))
 
 
+@pytest.mark.usefixtures("small_products")
+@pytest.mark.parametrize("favoured", ["scan", "onnx-lstm"])
+def test_a_plain_lstm_recurrence_is_a_scan_or_the_lstm_operator_by_measurement(
+        built: Callable[[str, bool], Built], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, favoured: str) -> None:
+    """``auto`` on a plain LSTM stages both recurrence forms and times each at batch 1 and on lines; the
+    faster (here made so by scaling the real measurement) is what the bundle's graphs hold, and it passes
+    the same checks: perplexity, PyTorch, batch independence, the advance graph."""
+    from rnnlm.export import quantized_bundle
+    from rnnlm.serve import LanguageModel as Runtime
+
+    measure = quantized_bundle.time_recurrences
+    measured: list[list[dict]] = []
+
+    def tilted(lms: dict, ids: np.ndarray, rounds: int = 1) -> list[dict]:
+        rows = measure(lms, ids, rounds)
+        measured.append([dict(r) for r in rows])
+        for r in rows:
+            if r["form"] == favoured:
+                r["batch1_tokens_per_s"] *= 1e3
+                r["lines_tokens_per_s"] *= 1e3
+        return rows
+
+    monkeypatch.setattr(quantized_bundle, "time_recurrences", tilted)
+    fp32 = built("lstm", False)
+    out = tmp_path / "q"
+    export(fp32.checkpoint, out, quantize="auto")
+    q = read_manifest(out)["quantization"]
+    rec = q["recurrence"]
+    assert rec["chosen"] == favoured and [c["form"] for c in rec["candidates"]] == ["scan", "onnx-lstm"]
+    assert len(measured) == 1 and all(c["batch1_tokens_per_s"] > 0 and c["lines_tokens_per_s"] > 0 and c["lines"] > 0
+                                      for c in measured[0])
+    for name in ("score.onnx", "advance.onnx"):
+        ops = {n.op_type for g in graphs_of(onnx.load(str(out / name))) for n in g.node}
+        assert ("LSTM" in ops) == (favoured == "onnx-lstm") and ("Scan" in ops) == (favoured == "scan")
+    # The products are those of the graphs it holds: the Scan's recurrent product, or none inside the operator.
+    layers = read_manifest(out)["config"]["num_layers"]
+    score_products = [p for p in q["products"] if p["graph"] == "score"]
+    assert len(score_products) == 1 + (2 * layers if favoured == "scan" else 0)  # the decoder (+ input, recurrent)
+    assert q["ppl_rise"] <= 0.01 and q["step_graph_ppl_rise"] <= 0.01
+    lm = Runtime.load(out, threads=1)
+    lm.session("advance")  # its check against the scoring graph's state
+    text = "the stock market fell\nshares of the company rose N percent in the quarter\n"
+    assert abs(lm.score(text).ppl / Runtime.load(fp32.bundle, threads=1).score(text).ppl - 1) < 0.05
+    check_batch_independence(lm)
+
+
+def test_other_cells_keep_the_scan_and_say_why(built: Callable[[str, bool], Built], tmp_path: Path) -> None:
+    """No plain LSTM layer, or ``int8`` (every product quantized): one form, and the reason recorded."""
+    from rnnlm.export import quantize
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(quantize, "MIN_ELEMENTS", 0)
+        mp.setattr(quantize, "TIME_PER_CANDIDATE", 0.003)
+        export(built("lstm", False).checkpoint, tmp_path / "i", quantize="int8")
+        export(built("rhn", False).checkpoint, tmp_path / "r", quantize="auto")
+    i, r = (read_manifest(tmp_path / d)["quantization"]["recurrence"] for d in ("i", "r"))
+    assert i["chosen"] == r["chosen"] == "scan" and i["candidates"] == r["candidates"] == []
+    assert "int8" in i["reason"] and "no plain LSTM layer (cell rhn" in r["reason"]
+
+
 def check_calibration(checkpoint: Path, products: list[dict]) -> None:
     """The int8 activation ranges against PyTorch: the decoder's is the largest |h| that reaches the
     decoder on the calibration text (the exporter's text's first STEP_CHECK_TOKENS, 32 streams from
     fresh states); an input projection's, which reads embedding rows, is the table's max |value|."""
     import torch
-    from rnnlm.export.exporter import STEP_CHECK_TOKENS, _sample_text
+    from rnnlm.export.exporter import _sample_text
+    from rnnlm.export.quantized_bundle import STEP_CHECK_TOKENS
 
     from rnnlm.checkpoint import load_model_dir
 

@@ -1,0 +1,252 @@
+"""Quantized bundles (``rnnlm export --quantize``): the form of each product and of each plain LSTM
+layer's recurrence, chosen by measurement on this machine, and the checks a quantized bundle passes
+before it is written.
+
+1. Activation ranges: the float32 step graph is stepped over the perplexity text; each product's
+   largest |input| fixes its int8 activation scale (``quantize.activation_ranges``).
+2. The recurrence. A plain LSTM layer runs either as a Scan over its step, whose recurrent product
+   can be quantized, or as ONNX's LSTM operator: float32, but the whole loop in one onnxruntime
+   kernel, without a node's overhead per step. Which is faster depends on the machine and its
+   threads (bench/RESULTS.md, "Goals, session 8"), so in ``auto`` mode both are staged and timed on
+   the perplexity text at batch 1 (exact scoring) and at BATCH_ROWS lines per call (per-line
+   scoring), and the form with the higher geometric mean of the two speeds is kept. ``int8`` mode
+   quantizes every product, the recurrence's too, so it keeps the Scan.
+3. The products' forms, each timed in every candidate form (``quantize.plan``).
+4. The check: each graph's perplexity against the float32 graphs' (``--max-ppl-rise``) and its
+   log-probabilities against PyTorch. A graph that fails has its 4-bit products demoted to int8 and
+   the bundle is rebuilt; when even that fails, export refuses.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+from rnnlm.export import quantize, recurrence
+from rnnlm.export.graphs import state_layout
+from rnnlm.export.tracing import GRAPH_FILES, GraphTracer, save_shared
+from rnnlm.export.validate import Report, ValidationError, load_staged, validate
+
+from rnnlm.errors import RnnlmError
+from rnnlm.model import LanguageModel
+
+if TYPE_CHECKING:
+    from rnnlm.serve.runtime import LanguageModel as Runtime
+
+MAX_PPL_RISE = 0.01  # the relative PTB-valid perplexity rise a quantized bundle may show (--max-ppl-rise)
+# max |Δ log p| of a quantized bundle against float32 PyTorch, over the validation cases (random token
+# sequences, far from text): int8 moves single log-probabilities by hundredths of a nat, 4-bit by tenths
+# (0.42 for the trained LSTM's 4-bit step graph, whose PTB perplexity moves by 0.01 %); beyond a nat the
+# graph is broken. Perplexity, on text, is the judge: see --max-ppl-rise.
+QUANT_LOGPROB_TOLERANCE = 1.0
+# The recurrent state, relative to max(1, |value|): quantized recurrent products move it by up to ~0.1 on
+# small random models; the log-probabilities and the perplexity are what the bundle is judged on.
+QUANT_STATE_TOLERANCE = 1.0
+STEP_CHECK_TOKENS = 16_384  # of the perplexity text, run through the step graph (32 streams side by side)
+RECURRENCE_TOKENS = 4096  # of the perplexity text, scored at batch 1 to time each recurrence form
+RECURRENCE_LINES = 256  # lines of it, scored quantize.BATCH_ROWS per call
+RECURRENCE_ROUNDS = 3  # interleaved rounds; each form's median counts
+SCAN, ONNX_LSTM = "scan", "onnx-lstm"
+
+Stage = Callable[[dict[str, Any]], Any]  # restage the manifest over the graphs in the staging directory
+
+
+def score_ids(lm: Runtime, ids: np.ndarray) -> float:
+    """Total NLL (nats) of a 1-D id stream at batch 1, predicted from <eos> + ids[:-1], through the runtime."""
+    total, state, prev = 0.0, None, lm.eos_id
+    for start in range(0, len(ids), 4096):
+        block = np.asarray(ids[start : start + 4096], np.int64)
+        inputs = np.concatenate([[prev], block[:-1]])
+        picked, state = lm._score_ids(inputs[:, None], block[:, None], np.array([len(block)]), state)
+        total -= float(picked.astype(np.float64).sum())
+        prev = int(block[-1])
+    return total
+
+
+def step_nll(lm: Runtime, ids: np.ndarray, streams: int = 32) -> float:
+    """Total NLL (nats) of ``ids`` through the step graph (generation's graph): cut into ``streams``
+    sequences stepped side by side, each from a fresh state and predicted from <eos>."""
+    n = len(ids) // streams
+    cols = np.asarray(ids[: n * streams], np.int64).reshape(streams, n).T  # (n, streams)
+    state, prev, total = lm.initial_state(streams), np.full(streams, lm.eos_id, np.int64), 0.0
+    for t in range(n):
+        logprobs, state = lm.step_ids(state, prev)
+        total -= float(logprobs[np.arange(streams), cols[t]].astype(np.float64).sum())
+        prev = cols[t]
+    return total
+
+
+def nlls(lm: Runtime, ids: np.ndarray) -> tuple[dict[str, float], float]:
+    """NLL per token of ``ids`` through each graph (the step graph on the first STEP_CHECK_TOKENS), and
+    the scoring graph's seconds."""
+    t = time.perf_counter()
+    score = score_ids(lm, ids) / len(ids)
+    seconds = time.perf_counter() - t
+    few = ids[:STEP_CHECK_TOKENS]
+    return {"score": score, "step": step_nll(lm, few) / (len(few) // 32 * 32)}, seconds
+
+
+def quantize_bundle(model: LanguageModel, tracer: GraphTracer, graphs: dict[str, onnx.ModelProto], tmp: Path,
+                    stage: Stage, lm: Runtime, ids: np.ndarray, is_valid: bool, mode: str,
+                    max_ppl_rise: float) -> tuple[dict[str, Any], Runtime, Report]:
+    """Quantize the float32 ``graphs`` staged in ``tmp`` (their runtime: ``lm``) where it pays, check the
+    result on ``ids`` and against PyTorch; returns the manifest's ``quantization``, the quantized
+    bundle's runtime and its validation report. Raises RnnlmError when no form passes."""
+    nll32, t32 = nlls(lm, ids)
+    threads = os.cpu_count() or 1
+    ranges = quantize.activation_ranges(graphs["step"], [(s.input, s.output) for s in state_layout(model)],
+                                        ids[:STEP_CHECK_TOKENS], lm.eos_id)
+    step_rows = _plan({"step": graphs["step"]}, mode, tracer.chunk, threads, ranges)
+    variants, reason = _recurrence_variants(model, tracer, graphs, mode)
+    plans = {name: step_rows + _plan({"score": g["score"]}, mode, tracer.chunk, threads, ranges)
+             for name, g in variants.items()}
+    if len(variants) > 1:
+        staged = {name: stage_quantized(g, plans[name], ranges, tmp, stage) for name, g in variants.items()}
+        candidates = time_recurrences(staged, ids)
+        chosen = max(candidates, key=_recurrence_merit)["form"]
+        record: dict[str, Any] = {"chosen": chosen, "threads": threads, "candidates": candidates,
+                                  "rule": "the higher geometric mean of tokens/s at batch 1 and at "
+                                          f"{quantize.BATCH_ROWS} lines per call"}
+        del staged
+    else:
+        chosen, record = SCAN, {"chosen": SCAN, "candidates": [], "reason": reason}
+    rows = plans[chosen]
+    lm, report, nllq, tq, attempts = _check(model, variants[chosen], rows, ranges, tmp, stage, ids, nll32, max_ppl_rise)
+    rises = {g: math.exp(nllq[g] - nll32[g]) - 1 for g in nllq}
+    ppl32, pplq = math.exp(nll32["score"]), math.exp(nllq["score"])
+    result = {"mode": mode, "method": "per product by measurement: fp32, int8 (MatMulIntegerToFloat, per-column "
+              "weight scales, one activation scale per product calibrated at export: activation_range), 4-bit "
+              "(MatMulNBits), bf16 where onnxruntime has a kernel; each plain LSTM layer's recurrence a Scan or "
+              "ONNX's LSTM operator, by measurement (recurrence)", "threads": threads,
+              "recurrence": record, "products": rows, "attempts": attempts,
+              "text": "PTB valid" if is_valid else "sampled from the model",
+              "tokens": int(len(ids)), "fp32_ppl": ppl32, "ppl": pplq, "nll": nllq["score"] * len(ids),
+              "ppl_rise": rises["score"], "step_graph_ppl_rise": rises["step"],
+              "step_graph_tokens": len(ids[:STEP_CHECK_TOKENS]) // 32 * 32, "max_ppl_rise": max_ppl_rise,
+              "scoring_speedup": t32 / tq,
+              "validation": {"tolerance": QUANT_LOGPROB_TOLERANCE, "state_tolerance": QUANT_STATE_TOLERANCE,
+                             "max_abs_logprob_diff": report.max_logprob_diff,
+                             "max_abs_state_diff": report.max_state_diff}}
+    return result, lm, report
+
+
+def _plan(graphs: dict[str, onnx.ModelProto], mode: str, chunk: int, threads: int,
+          ranges: dict[quantize.ContentKey, float]) -> list[dict[str, Any]]:
+    """``quantize.plan``'s rows for ``graphs``, each with its calibrated activation range; in ``int8``
+    mode every product int8, as asked (the measurement is still recorded)."""
+    rows = quantize.plan(graphs, chunk, threads, None if mode == "auto" else ["fp32", "int8"])
+    for r in rows:
+        if mode == "int8":
+            r["chosen"] = "int8"
+        r["activation_range"] = ranges.get(quantize.content_key(quantize.weights(graphs[r["graph"]])[r["weight"]]))
+    return rows
+
+
+def _recurrence_variants(model: LanguageModel, tracer: GraphTracer, graphs: dict[str, onnx.ModelProto],
+                         mode: str) -> tuple[dict[str, dict[str, onnx.ModelProto]], str]:
+    """The graphs of each recurrence form worth timing (the Scan's are ``graphs``), and why there is
+    only one where there is."""
+    if mode != "auto":
+        return {SCAN: graphs}, "--quantize int8 quantizes every product, the recurrent ones too: Scan only"
+    if not any(recurrence.fits_onnx_lstm(cell) for cell in model.layers):
+        return {SCAN: graphs}, f"no plain LSTM layer (cell {model.cfg.cell}, layer_norm {model.cfg.layer_norm})"
+    with tempfile.TemporaryDirectory() as d:
+        fused = tracer.trace_all(Path(d), fuse_lstm=True, keys=tuple(k for k in graphs if k != "step"))
+    return {SCAN: graphs, ONNX_LSTM: {**graphs, **fused}}, ""
+
+
+def _lines(ids: np.ndarray, eos_id: int, n: int) -> list[list[int]]:
+    """The first ``n`` lines of an id stream, each with its <eos>."""
+    cuts = np.flatnonzero(np.asarray(ids) == eos_id)
+    starts = np.concatenate([[0], cuts[:-1] + 1])
+    return [[int(t) for t in ids[s : e + 1]] for s, e in zip(starts[:n], cuts[:n], strict=False) if e >= s]
+
+
+def time_recurrences(lms: dict[str, Runtime], ids: np.ndarray,
+                     rounds: int = RECURRENCE_ROUNDS) -> list[dict[str, Any]]:
+    """Tokens/s of each staged form, interleaved over ``rounds``: exact scoring of the first
+    RECURRENCE_TOKENS of ``ids`` at batch 1, and its first RECURRENCE_LINES lines scored
+    ``quantize.BATCH_ROWS`` per call."""
+    first = next(iter(lms.values()))
+    stream, lines = ids[:RECURRENCE_TOKENS], _lines(ids, first.eos_id, RECURRENCE_LINES)
+    line_tokens = sum(len(line) for line in lines)
+    seconds: dict[str, dict[str, list[float]]] = {k: {"batch1": [], "lines": []} for k in lms}
+    for _ in range(rounds):
+        for name, lm in lms.items():
+            t = time.perf_counter()
+            score_ids(lm, stream)
+            seconds[name]["batch1"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            lm.sequence_logprobs(lines, batch_size=quantize.BATCH_ROWS)
+            seconds[name]["lines"].append(time.perf_counter() - t)
+    return [{"form": name, "batch1_tokens_per_s": len(stream) / statistics.median(s["batch1"]),
+             "lines_tokens_per_s": line_tokens / statistics.median(s["lines"]) if lines else None,
+             "lines": len(lines)} for name, s in seconds.items()]
+
+
+def _recurrence_merit(candidate: dict[str, Any]) -> float:
+    """The geometric mean of a form's two speeds (batch 1 alone where the text has no line)."""
+    speeds = [v for v in (candidate["batch1_tokens_per_s"], candidate["lines_tokens_per_s"]) if v]
+    return math.exp(sum(math.log(v) for v in speeds) / len(speeds))
+
+
+def _check(model: LanguageModel, graphs: dict[str, onnx.ModelProto], rows: list[dict[str, Any]],
+           ranges: dict[quantize.ContentKey, float], tmp: Path, stage: Stage, ids: np.ndarray,
+           nll32: dict[str, float], max_ppl_rise: float) -> tuple[Runtime, Report, dict[str, float], float,
+                                                                  list[dict[str, Any]]]:
+    """Stage ``graphs`` with ``rows``' forms and check them, demoting 4-bit products to int8 in a graph
+    that fails until every graph passes; returns the runtime, its report, each graph's NLL per token,
+    the scoring seconds and every attempt. Raises when no form passes."""
+    attempts: list[dict[str, Any]] = []
+    while True:
+        lm = stage_quantized(graphs, rows, ranges, tmp, stage)
+        nllq, tq = nlls(lm, ids)
+        rises = {g: math.exp(nllq[g] - nll32[g]) - 1 for g in nllq}
+        try:
+            report, problem = validate(model, lm, QUANT_LOGPROB_TOLERANCE, state_tol=QUANT_STATE_TOLERANCE,
+                                       what="the quantized bundle"), None
+        except ValidationError as e:
+            report, problem = None, e
+        failed = {g for g, r in rises.items() if r > max_ppl_rise}
+        if problem is not None:
+            failed |= {"step", "score"}
+        attempts.append({"choices": sorted({r["chosen"] for r in rows}), "ppl_rise": rises,
+                         "validation": "passed" if problem is None else problem.message})
+        if not failed:
+            assert report is not None
+            return lm, report, nllq, tq, attempts
+        if not any(quantize.demote(rows, "nbits4", "int8", graph=g) for g in sorted(failed)):
+            g = max(rises, key=lambda k: rises[k])
+            if rises[g] <= max_ppl_rise and problem is not None:
+                raise problem
+            raise RnnlmError(f"quantization raised the {g} graph's perplexity by {rises[g]:.2%} "
+                             f"({math.exp(nll32[g]):.2f} -> {math.exp(nllq[g]):.2f}), over the --max-ppl-rise "
+                             f"{max_ppl_rise:.2%}: no bundle written", code=1)
+
+
+def stage_quantized(graphs: dict[str, onnx.ModelProto], rows: list[dict[str, Any]],
+                    ranges: dict[quantize.ContentKey, float], tmp: Path, stage: Stage) -> Runtime:
+    """Write the graphs with the products' chosen forms (int8 ones with their calibrated activation
+    ``ranges``), restage the manifest, load it in the runtime. The advance graph is the scoring graph's
+    recurrence: its products take the forms chosen for the scoring graph's products with the same
+    weights, so that both reach the same state."""
+    for key, graph in graphs.items():
+        q = onnx.ModelProto()
+        q.CopyFrom(graph)
+        forms = quantize.forms_by_weights(graph, graphs["score"], [r for r in rows if r["graph"] == "score"]) \
+            if key == "advance" else {r["weight"]: r["chosen"] for r in rows if r["graph"] == key}
+        quantize.apply_forms(q, forms, ranges)
+        save_shared(q, tmp / GRAPH_FILES[key])
+    stage({})
+    try:
+        return load_staged(tmp)
+    except RnnlmError as e:
+        raise RnnlmError(f"the quantized graphs do not load in onnxruntime: {e.message}", code=1) from None
