@@ -4,14 +4,17 @@ before it is written.
 
 1. Activation ranges: the float32 step graph is stepped over the perplexity text; each product's
    largest |input| fixes its int8 activation scale (``quantize.activation_ranges``).
-2. The recurrence. A plain LSTM layer runs either as a Scan over its step, whose recurrent product
-   can be quantized, or as ONNX's LSTM operator: float32, but the whole loop in one onnxruntime
-   kernel, without a node's overhead per step. Which is faster depends on the machine and its
-   threads (bench/RESULTS.md, "Goals, session 8"), so in ``auto`` mode both are staged and timed on
-   the perplexity text at batch 1 (exact scoring) and at BATCH_ROWS lines per call (per-line
-   scoring), and the form with the higher geometric mean of the two speeds is kept. ``int8`` mode
-   quantizes every product, the recurrence's too, so it keeps the Scan.
-3. The products' forms, each timed in every candidate form (``quantize.plan``).
+2. The products' forms, each timed alone in every candidate form (``quantize.plan``).
+3. The layout: what a product's own timing cannot decide is decided by timing whole bundles. A
+   plain LSTM layer runs either as a Scan over its step, whose recurrent product can be quantized,
+   or as ONNX's LSTM operator: float32, but the whole loop in one onnxruntime kernel, without a
+   node's overhead per step. A Scan's per-step product is ranked by the geometric mean of its times
+   at one row and at BATCH_ROWS, which can pick a form (int8: QuantizeLinear + its product, two nodes)
+   that a step at batch 1 pays for. Which is faster depends on the machine and its threads
+   (bench/RESULTS.md, "Goals, session 8"), so in ``auto`` mode each such bundle is staged and timed
+   on the perplexity text at batch 1 (exact scoring) and at BATCH_ROWS lines per call (per-line
+   scoring), and the one with the higher geometric mean of the two speeds is kept. ``int8`` mode
+   quantizes every product, the recurrence's too, so it has one layout.
 4. The check: each graph's perplexity against the float32 graphs' (``--max-ppl-rise``) and its
    log-probabilities against PyTorch. A graph that fails has its 4-bit products demoted to int8 and
    the bundle is rebuilt; when even that fails, export refuses.
@@ -19,12 +22,14 @@ before it is written.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,9 +56,13 @@ QUANT_LOGPROB_TOLERANCE = 1.0
 # small random models; the log-probabilities and the perplexity are what the bundle is judged on.
 QUANT_STATE_TOLERANCE = 1.0
 STEP_CHECK_TOKENS = 16_384  # of the perplexity text, run through the step graph (32 streams side by side)
-RECURRENCE_TOKENS = 4096  # of the perplexity text, scored at batch 1 to time each recurrence form
-RECURRENCE_LINES = 256  # lines of it, scored quantize.BATCH_ROWS per call
-RECURRENCE_ROUNDS = 3  # interleaved rounds; each form's median counts
+# Timing a layout (a whole staged bundle): exact scoring of LAYOUT_TOKENS of the perplexity text at
+# batch 1 and of its first LAYOUT_LINES lines, quantize.BATCH_ROWS per call, over LAYOUT_ROUNDS interleaved
+# rounds (each layout's median counts): 0.5-0.7 s a round per layout on the 2-core machine. With 4,096
+# tokens, 256 lines and 3 rounds, one LSTM layout's line speed moved by 1.2x from one export to the next.
+LAYOUT_TOKENS = 8192
+LAYOUT_LINES = 512
+LAYOUT_ROUNDS = 5
 SCAN, ONNX_LSTM = "scan", "onnx-lstm"
 
 Stage = Callable[[dict[str, Any]], Any]  # restage the manifest over the graphs in the staging directory
@@ -105,28 +114,27 @@ def quantize_bundle(model: LanguageModel, tracer: GraphTracer, graphs: dict[str,
     ranges = quantize.activation_ranges(graphs["step"], [(s.input, s.output) for s in state_layout(model)],
                                         ids[:STEP_CHECK_TOKENS], lm.eos_id)
     step_rows = _plan({"step": graphs["step"]}, mode, tracer.chunk, threads, ranges)
-    variants, reason = _recurrence_variants(model, tracer, graphs, mode)
-    plans = {name: step_rows + _plan({"score": g["score"]}, mode, tracer.chunk, threads, ranges)
-             for name, g in variants.items()}
+    variants, reason = _variants(model, tracer, graphs, mode, step_rows, threads, ranges)
     if len(variants) > 1:
-        staged = {name: stage_quantized(g, plans[name], ranges, tmp, stage) for name, g in variants.items()}
-        candidates = time_recurrences(staged, ids)
-        chosen = max(candidates, key=_recurrence_merit)["form"]
-        record: dict[str, Any] = {"chosen": chosen, "threads": threads, "candidates": candidates,
-                                  "rule": "the higher geometric mean of tokens/s at batch 1 and at "
-                                          f"{quantize.BATCH_ROWS} lines per call"}
+        staged = {v.name: stage_quantized(v.graphs, v.rows, ranges, tmp, stage) for v in variants}
+        candidates = [{**c, **variants[i].describe()} for i, c in enumerate(time_variants(staged, ids))]
+        best = max(range(len(variants)), key=lambda i: _merit(candidates[i]))
         del staged
+        record: dict[str, Any] = {**variants[best].describe(), "chosen": variants[best].name, "threads": threads,
+                                  "candidates": candidates, "rule": "the higher geometric mean of tokens/s at batch 1 "
+                                  f"and at {quantize.BATCH_ROWS} lines per call"}
     else:
-        chosen, record = SCAN, {"chosen": SCAN, "candidates": [], "reason": reason}
-    rows = plans[chosen]
-    lm, report, nllq, tq, attempts = _check(model, variants[chosen], rows, ranges, tmp, stage, ids, nll32, max_ppl_rise)
+        best, record = 0, {**variants[0].describe(), "chosen": variants[0].name, "candidates": [], "reason": reason}
+    graphs, rows = variants[best].graphs, variants[best].rows
+    lm, report, nllq, tq, attempts = _check(model, graphs, rows, ranges, tmp, stage, ids, nll32, max_ppl_rise)
     rises = {g: math.exp(nllq[g] - nll32[g]) - 1 for g in nllq}
     ppl32, pplq = math.exp(nll32["score"]), math.exp(nllq["score"])
     result = {"mode": mode, "method": "per product by measurement: fp32, int8 (MatMulIntegerToFloat, per-column "
               "weight scales, one activation scale per product calibrated at export: activation_range), 4-bit "
-              "(MatMulNBits), bf16 where onnxruntime has a kernel; each plain LSTM layer's recurrence a Scan or "
-              "ONNX's LSTM operator, by measurement (recurrence)", "threads": threads,
-              "recurrence": record, "products": rows, "attempts": attempts,
+              "(MatMulNBits), bf16 where onnxruntime has a kernel; then whole bundles timed where a product's "
+              "timing alone cannot decide: a plain LSTM layer as a Scan or ONNX's LSTM operator, the recurrent "
+              "products in their fastest form at batch 1 or by the geometric mean (layout)", "threads": threads,
+              "layout": record, "products": rows, "attempts": attempts,
               "text": "PTB valid" if is_valid else "sampled from the model",
               "tokens": int(len(ids)), "fp32_ppl": ppl32, "ppl": pplq, "nll": nllq["score"] * len(ids),
               "ppl_rise": rises["score"], "step_graph_ppl_rise": rises["step"],
@@ -150,17 +158,58 @@ def _plan(graphs: dict[str, onnx.ModelProto], mode: str, chunk: int, threads: in
     return rows
 
 
-def _recurrence_variants(model: LanguageModel, tracer: GraphTracer, graphs: dict[str, onnx.ModelProto],
-                         mode: str) -> tuple[dict[str, dict[str, onnx.ModelProto]], str]:
-    """The graphs of each recurrence form worth timing (the Scan's are ``graphs``), and why there is
-    only one where there is."""
+@dataclass
+class Variant:
+    """One way to write the quantized bundle: its graphs and every product's form."""
+
+    name: str
+    recurrence: str  # SCAN or ONNX_LSTM, for plain LSTM layers
+    per_step: str  # the Scan's per-step products: "plan" (quantize.choose) or "batch-1" (fastest at one row)
+    graphs: dict[str, onnx.ModelProto]
+    rows: list[dict[str, Any]]
+
+    def describe(self) -> dict[str, str]:
+        return {"form": self.name, "recurrence": self.recurrence, "per_step_forms": self.per_step}
+
+
+def _variants(model: LanguageModel, tracer: GraphTracer, graphs: dict[str, onnx.ModelProto], mode: str,
+              step_rows: list[dict[str, Any]], threads: int,
+              ranges: dict[quantize.ContentKey, float]) -> tuple[list[Variant], str]:
+    """The bundles worth timing whole, the per-product plan's first, and why there is only one where
+    there is. A per-step product of the scoring graph is timed alone at one row and at BATCH_ROWS and
+    ranked by the geometric mean: where its fastest form at one row differs, a bundle with that form
+    is timed too (a Scan step's extra node, an int8 product's QuantizeLinear, shows in the whole graph
+    at batch 1, not in the product's own timing). A plain LSTM layer can also be ONNX's LSTM operator."""
     if mode != "auto":
-        return {SCAN: graphs}, "--quantize int8 quantizes every product, the recurrent ones too: Scan only"
-    if not any(recurrence.fits_onnx_lstm(cell) for cell in model.layers):
-        return {SCAN: graphs}, f"no plain LSTM layer (cell {model.cfg.cell}, layer_norm {model.cfg.layer_norm})"
-    with tempfile.TemporaryDirectory() as d:
-        fused = tracer.trace_all(Path(d), fuse_lstm=True, keys=tuple(k for k in graphs if k != "step"))
-    return {SCAN: graphs, ONNX_LSTM: {**graphs, **fused}}, ""
+        return [Variant(SCAN, SCAN, "plan", graphs, step_rows + _plan({"score": graphs["score"]}, mode, tracer.chunk,
+                                                                      threads, ranges))], \
+            "--quantize int8 quantizes every product, the recurrent ones too: one layout"
+    plan = step_rows + _plan({"score": graphs["score"]}, mode, tracer.chunk, threads, ranges)
+    out = [Variant(SCAN, SCAN, "plan", graphs, plan)]
+    batch1 = _batch1_forms(plan)
+    if batch1 is not None:
+        out.append(Variant(f"{SCAN}, batch-1 forms", SCAN, "batch-1", graphs, batch1))
+    if any(recurrence.fits_onnx_lstm(cell) for cell in model.layers):
+        with tempfile.TemporaryDirectory() as d:
+            fused = {**graphs, **tracer.trace_all(Path(d), fuse_lstm=True, keys=tuple(k for k in graphs if k != "step"))}
+        out.append(Variant(ONNX_LSTM, ONNX_LSTM, "plan", fused,
+                           step_rows + _plan({"score": fused["score"]}, mode, tracer.chunk, threads, ranges)))
+    return out, "" if len(out) > 1 else "no plain LSTM layer and every per-step product's form the fastest at batch 1"
+
+
+def _batch1_forms(plan: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """``plan`` with each per-step product of the scoring graph in its fastest form at one row (where that
+    beats fp32 by quantize.MIN_GAIN), or None where that changes nothing."""
+    rows, changed = copy.deepcopy(plan), False
+    for r in rows:
+        if r["graph"] != "score" or "batch_candidates" not in r:
+            continue
+        timed = [c for c in r["candidates"] if c.get("relative") is not None]
+        fastest = min(timed, key=lambda c: c["relative"])
+        form = fastest["form"] if fastest["relative"] * quantize.MIN_GAIN <= 1.0 else "fp32"
+        if form != r["chosen"]:
+            r["chosen"], r["chosen_for"], changed = form, "batch 1", True
+    return rows if changed else None
 
 
 def _lines(ids: np.ndarray, eos_id: int, n: int) -> list[list[int]]:
@@ -170,13 +219,13 @@ def _lines(ids: np.ndarray, eos_id: int, n: int) -> list[list[int]]:
     return [[int(t) for t in ids[s : e + 1]] for s, e in zip(starts[:n], cuts[:n], strict=False) if e >= s]
 
 
-def time_recurrences(lms: dict[str, Runtime], ids: np.ndarray,
-                     rounds: int = RECURRENCE_ROUNDS) -> list[dict[str, Any]]:
-    """Tokens/s of each staged form, interleaved over ``rounds``: exact scoring of the first
-    RECURRENCE_TOKENS of ``ids`` at batch 1, and its first RECURRENCE_LINES lines scored
+def time_variants(lms: dict[str, Runtime], ids: np.ndarray,
+                     rounds: int = LAYOUT_ROUNDS) -> list[dict[str, Any]]:
+    """Tokens/s of each staged bundle, interleaved over ``rounds``: exact scoring of the first
+    LAYOUT_TOKENS of ``ids`` at batch 1, and its first LAYOUT_LINES lines scored
     ``quantize.BATCH_ROWS`` per call."""
     first = next(iter(lms.values()))
-    stream, lines = ids[:RECURRENCE_TOKENS], _lines(ids, first.eos_id, RECURRENCE_LINES)
+    stream, lines = ids[:LAYOUT_TOKENS], _lines(ids, first.eos_id, LAYOUT_LINES)
     line_tokens = sum(len(line) for line in lines)
     seconds: dict[str, dict[str, list[float]]] = {k: {"batch1": [], "lines": []} for k in lms}
     for _ in range(rounds):
@@ -192,8 +241,8 @@ def time_recurrences(lms: dict[str, Runtime], ids: np.ndarray,
              "lines": len(lines)} for name, s in seconds.items()]
 
 
-def _recurrence_merit(candidate: dict[str, Any]) -> float:
-    """The geometric mean of a form's two speeds (batch 1 alone where the text has no line)."""
+def _merit(candidate: dict[str, Any]) -> float:
+    """The geometric mean of a bundle's two speeds (batch 1 alone where the text has no line)."""
     speeds = [v for v in (candidate["batch1_tokens_per_s"], candidate["lines_tokens_per_s"]) if v]
     return math.exp(sum(math.log(v) for v in speeds) / len(speeds))
 

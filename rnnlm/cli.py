@@ -324,11 +324,11 @@ def _export_text(summary: dict[str, Any]) -> str:
                  f"{q['max_ppl_rise']:.2%}), scoring {q['scoring_speedup']:.2f}x faster; max |Δ log p| vs PyTorch "
                  f"{q['validation']['max_abs_logprob_diff']:.1e}\nproducts: "
                  + ", ".join(f"{k} {v}" for k, v in q["choices"].items()))
-        rec = q["recurrence"]
-        timed = ", ".join(f"{c['form']} {c['batch1_tokens_per_s']:,.0f} / {c['lines_tokens_per_s'] or 0:,.0f}"
-                          for c in rec["candidates"])
-        text += f"\nrecurrence: {rec['chosen']} " + (f"(tokens/s at batch 1 / on lines: {timed})" if timed
-                                                     else f"({rec['reason']})")
+        layout = q["layout"]
+        timed = "; ".join(f"{c['form']} {c['batch1_tokens_per_s']:,.0f} / {c['lines_tokens_per_s'] or 0:,.0f}"
+                          for c in layout["candidates"])
+        text += f"\nlayout: {layout['chosen']} " + (f"(tokens/s at batch 1 / on lines: {timed})" if timed
+                                                    else f"({layout['reason']})")
     if "triton" in summary:
         text += f"\nTriton model repository: {summary['triton']}"
     return text

@@ -117,16 +117,18 @@ def test_every_cell_quantizes_every_product_with_a_calibrated_range(built: Calla
 
 
 @pytest.mark.usefixtures("small_products")
-@pytest.mark.parametrize("favoured", ["scan", "onnx-lstm"])
-def test_a_plain_lstm_recurrence_is_a_scan_or_the_lstm_operator_by_measurement(
-        built: Callable[[str, bool], Built], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, favoured: str) -> None:
-    """``auto`` on a plain LSTM stages both recurrence forms and times each at batch 1 and on lines; the
-    faster (here made so by scaling the real measurement) is what the bundle's graphs hold, and it passes
-    the same checks: perplexity, PyTorch, batch independence, the advance graph."""
-    from rnnlm.export import quantized_bundle
+@pytest.mark.parametrize("favoured", ["scan", "scan, batch-1 forms", "onnx-lstm"])
+def test_the_layout_is_chosen_by_timing_whole_bundles(built: Callable[[str, bool], Built], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch, favoured: str) -> None:
+    """``auto`` on a plain LSTM stages every layout (the per-product plan; its per-step products in their
+    fastest form at one row; the layer as ONNX's LSTM operator) and times each at batch 1 and on lines;
+    the fastest (here made so by scaling the real measurement) is what the bundle's graphs hold, and it
+    passes the same checks: perplexity, PyTorch, batch independence, the advance graph."""
+    from rnnlm.export import quantize, quantized_bundle
     from rnnlm.serve import LanguageModel as Runtime
 
-    measure = quantized_bundle.time_recurrences
+    monkeypatch.setattr(quantize, "time_form", _one_row_favours_nbits4)  # so that the batch-1 layout differs
+    measure = quantized_bundle.time_variants
     measured: list[list[dict]] = []
 
     def tilted(lms: dict, ids: np.ndarray, rounds: int = 1) -> list[dict]:
@@ -138,22 +140,29 @@ def test_a_plain_lstm_recurrence_is_a_scan_or_the_lstm_operator_by_measurement(
                 r["lines_tokens_per_s"] *= 1e3
         return rows
 
-    monkeypatch.setattr(quantized_bundle, "time_recurrences", tilted)
+    monkeypatch.setattr(quantized_bundle, "time_variants", tilted)
     fp32 = built("lstm", False)
     out = tmp_path / "q"
     export(fp32.checkpoint, out, quantize="auto")
     q = read_manifest(out)["quantization"]
-    rec = q["recurrence"]
-    assert rec["chosen"] == favoured and [c["form"] for c in rec["candidates"]] == ["scan", "onnx-lstm"]
+    layout = q["layout"]
+    assert layout["chosen"] == favoured
+    assert [c["form"] for c in layout["candidates"]] == ["scan", "scan, batch-1 forms", "onnx-lstm"]
     assert len(measured) == 1 and all(c["batch1_tokens_per_s"] > 0 and c["lines_tokens_per_s"] > 0 and c["lines"] > 0
                                       for c in measured[0])
+    fused = favoured == "onnx-lstm"
+    assert layout["recurrence"] == ("onnx-lstm" if fused else "scan")
     for name in ("score.onnx", "advance.onnx"):
         ops = {n.op_type for g in graphs_of(onnx.load(str(out / name))) for n in g.node}
-        assert ("LSTM" in ops) == (favoured == "onnx-lstm") and ("Scan" in ops) == (favoured == "scan")
-    # The products are those of the graphs it holds: the Scan's recurrent product, or none inside the operator.
+        assert ("LSTM" in ops) == fused and ("Scan" in ops) == (not fused)
+    # The products are those of the graphs it holds: the Scan's recurrent products, or none inside the operator.
     layers = read_manifest(out)["config"]["num_layers"]
-    score_products = [p for p in q["products"] if p["graph"] == "score"]
-    assert len(score_products) == 1 + (2 * layers if favoured == "scan" else 0)  # the decoder (+ input, recurrent)
+    per_step = [p for p in q["products"] if p["graph"] == "score" and "batch_candidates" in p]
+    assert len([p for p in q["products"] if p["graph"] == "score"]) == 1 + (0 if fused else 2 * layers)
+    if favoured == "scan, batch-1 forms":  # each per-step product in its fastest form at one row
+        assert per_step and all(p["chosen"] == "nbits4-b32-a4" and p["chosen_for"] == "batch 1" for p in per_step)
+    elif favoured == "scan":
+        assert per_step and all(p["chosen"] == "int8" and "chosen_for" not in p for p in per_step)
     assert q["ppl_rise"] <= 0.01 and q["step_graph_ppl_rise"] <= 0.01
     lm = Runtime.load(out, threads=1)
     lm.session("advance")  # its check against the scoring graph's state
@@ -162,18 +171,28 @@ def test_a_plain_lstm_recurrence_is_a_scan_or_the_lstm_operator_by_measurement(
     check_batch_independence(lm)
 
 
-def test_other_cells_keep_the_scan_and_say_why(built: Callable[[str, bool], Built], tmp_path: Path) -> None:
-    """No plain LSTM layer, or ``int8`` (every product quantized): one form, and the reason recorded."""
+def _one_row_favours_nbits4(form: str, w: np.ndarray, rows: int, threads: int) -> dict:
+    """'Timings' in which 4-bit (block 32, int8 compute) is fastest at one row and int8 at 64 rows, and int8
+    wins the geometric mean: the plan takes int8 for per-step products, the batch-1 layout 4-bit."""
+    one = {"fp32": 1.0, "int8": 0.5, "nbits4-b32-a4": 0.3}
+    many = {"fp32": 1.0, "int8": 0.3, "nbits4-b32-a4": 1.2}
+    seconds = (one if rows == 1 else many).get(form, 2.0) * 1e-3
+    return {"form": form, "seconds": seconds, "max_rel_error": 0.0}
+
+
+def test_other_cells_and_int8_say_why_they_have_one_layout(built: Callable[[str, bool], Built], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """``int8`` (every product quantized), or no plain LSTM layer with the plan's per-step forms already the
+    fastest at one row: one layout, and the reason recorded."""
     from rnnlm.export import quantize
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(quantize, "MIN_ELEMENTS", 0)
-        mp.setattr(quantize, "TIME_PER_CANDIDATE", 0.003)
-        export(built("lstm", False).checkpoint, tmp_path / "i", quantize="int8")
-        export(built("rhn", False).checkpoint, tmp_path / "r", quantize="auto")
-    i, r = (read_manifest(tmp_path / d)["quantization"]["recurrence"] for d in ("i", "r"))
+    monkeypatch.setattr(quantize, "MIN_ELEMENTS", 0)
+    monkeypatch.setattr(quantize, "time_form", _fake_timings)  # 4-bit fastest at every row count
+    export(built("lstm", False).checkpoint, tmp_path / "i", quantize="int8")
+    export(built("rhn", False).checkpoint, tmp_path / "r", quantize="auto")
+    i, r = (read_manifest(tmp_path / d)["quantization"]["layout"] for d in ("i", "r"))
     assert i["chosen"] == r["chosen"] == "scan" and i["candidates"] == r["candidates"] == []
-    assert "int8" in i["reason"] and "no plain LSTM layer (cell rhn" in r["reason"]
+    assert "int8" in i["reason"] and "no plain LSTM layer" in r["reason"]
 
 
 def check_calibration(checkpoint: Path, products: list[dict]) -> None:
