@@ -49,6 +49,13 @@ ACCURACY_LEVELS = (0, 4)
 TIME_PER_CANDIDATE = 0.15  # seconds of timing per candidate and product, over ROUNDS interleaved rounds
 ROUNDS = 7
 MS_DOMAIN = "com.microsoft"
+# Forms that compute a row alike whatever other rows share its call: float32, and int8 with its fixed
+# activation scale. MatMulNBits's kernels round a row differently alone (M = 1) than among others (by
+# ~1e-6), which a later int8 rounding turns into up to 1e-2 in a log-probability: a quantized LSTM with a
+# 4-bit recurrent product in its scoring graph scored 19 of 1,024 PTB sentences differently (beyond 1e-5)
+# alone and under `rnnlm serve --max-batch 32` (bench/RESULTS.md, "Goals, session 8"). The scoring graph
+# (and the advance graph, which takes its forms) uses these only; generation's step graph all forms.
+ROW_EXACT_FORMS = ("fp32", "int8")
 BATCH_ROWS = 64  # sequences per call in per-line scoring (the runtime's default batch_size)
 
 

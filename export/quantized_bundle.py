@@ -149,8 +149,10 @@ def quantize_bundle(model: LanguageModel, tracer: GraphTracer, graphs: dict[str,
 def _plan(graphs: dict[str, onnx.ModelProto], mode: str, chunk: int, threads: int,
           ranges: dict[quantize.ContentKey, float]) -> list[dict[str, Any]]:
     """``quantize.plan``'s rows for ``graphs``, each with its calibrated activation range; in ``int8``
-    mode every product int8, as asked (the measurement is still recorded)."""
-    rows = quantize.plan(graphs, chunk, threads, None if mode == "auto" else ["fp32", "int8"])
+    mode every product int8, as asked (the measurement is still recorded). The scoring graph's products
+    take only ``quantize.ROW_EXACT_FORMS``, so that a sentence scores alike alone and in any batch."""
+    auto = "step" in graphs and mode == "auto"
+    rows = quantize.plan(graphs, chunk, threads, None if auto else list(quantize.ROW_EXACT_FORMS))
     for r in rows:
         if mode == "int8":
             r["chosen"] = "int8"
