@@ -11,6 +11,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from rnnlm.errors import RnnlmError
+from rnnlm.reports import LOSS_MEANING, export_text, train_summary
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -50,12 +51,6 @@ def emit(data: dict[str, Any], as_json: bool, text: str) -> None:
     typer.echo(json.dumps(data) if as_json else text)
 
 
-_LOSS_MEANING = {  # what `rnnlm info` says of TrainConfig.loss
-    "token_mean": "each window trains on the mean NLL over its T x B tokens",
-    "time_sum": "each window trains on the sum over its T steps of the batch-mean NLL (the paper's code)",
-}
-
-
 @app.command()
 def info(cell: CellOpt = None, preset: PresetOpt = None, overrides: SetOpt = None, as_json: JsonOpt = False) -> None:
     """Show a resolved model config and its parameter count; without options, list the presets.
@@ -84,7 +79,7 @@ def info(cell: CellOpt = None, preset: PresetOpt = None, overrides: SetOpt = Non
         lines = [f"preset {p.name}: {p.description}", f"parameters: {n:,} ({n / 1e6:.2f}M)", "model:"]
         lines += [f"  {k} = {v}" for k, v in model_d.items()] + ["train:"]
         lines += [f"  {k} = {v}" for k, v in train_d.items()]
-        lines += [f"loss: {_LOSS_MEANING[train_cfg.loss]}"]
+        lines += [f"loss: {LOSS_MEANING[train_cfg.loss]}"]
         emit(data, as_json, "\n".join(lines))
 
     run(body)
@@ -176,7 +171,7 @@ def train(
         force=force, overrides=settings, dry_run=dry_run, tensorboard=tensorboard,
         files=own_files(train_file, valid_file, test_file), vocab_size=vocab_size, min_count=min_count)))
     if result.rank == 0:  # under torchrun, one summary, not one per process
-        data, text = _train_summary(result, dry_run)
+        data, text = train_summary(result, dry_run)
         emit(data, as_json, text)
     if result.exit_code:
         raise typer.Exit(result.exit_code)
@@ -203,30 +198,6 @@ def _reported_once(fn: Callable[[], T]) -> T:
         return fn()
     except ReportedByRank0 as e:
         raise typer.Exit(e.code) from None
-
-
-def _train_summary(result: Any, dry_run: bool) -> tuple[dict[str, Any], str]:
-    """What a training run kept, as JSON and as one line: the model only exists after a validation."""
-    from rnnlm.checkpoint import TRAIN_STATE, WEIGHTS
-
-    out: Path = result.out
-    model_saved = not dry_run and (out / WEIGHTS).is_file()
-    state_saved = not dry_run and (out / TRAIN_STATE).is_file()
-    data = {"out": str(out), "epochs": result.epochs_done, "steps": result.steps,
-            "best_valid_ppl": result.best_valid_ppl, "interrupted": result.interrupted_by is not None,
-            "world_size": result.world_size, "model_saved": model_saved, "resume_state_saved": state_saved}
-    procs = f" ({result.world_size} processes)" if result.world_size > 1 else ""
-    if dry_run:
-        return data, f"best valid ppl {result.best_valid_ppl:.2f} after {result.steps} steps (dry run: nothing kept){procs}"
-    if model_saved:
-        text = f"best valid ppl {result.best_valid_ppl:.2f} after {result.steps} steps; checkpoint in {out}"
-        if result.interrupted_by is not None:
-            text += "; interrupted: continue with --resume"
-        return data, text + procs
-    text = f"stopped at step {result.steps} before the first validation: no model saved (no {out / WEIGHTS})"
-    if state_saved:
-        text += f"; the resume state is in {out / TRAIN_STATE}: continue with --resume"
-    return data, text + procs
 
 
 @app.command("eval")
@@ -309,29 +280,7 @@ def export(
         from rnnlm.export.triton import write_triton_repository
 
         summary["triton"] = str(run(lambda: write_triton_repository(summary["bundle"], triton, force=force)))
-    emit(summary, as_json, _export_text(summary))
-
-
-def _export_text(summary: dict[str, Any]) -> str:
-    """``rnnlm export``'s report for people: where, how close to PyTorch, what quantization chose."""
-    text = (f"wrote {summary['bundle']} in {summary['seconds']} s; validated against PyTorch: max |Δ log p| "
-            f"{summary['max_abs_logprob_diff']:.1e}")
-    if "valid_ppl" in summary:
-        text += f"; PTB valid ppl {summary['valid_ppl']:.2f}"
-    if "quantization" in summary:
-        q = summary["quantization"]
-        text += (f"\nquantized ({q['mode']}): ppl {q['fp32_ppl']:.2f} -> {q['ppl']:.2f} ({q['ppl_rise']:+.2%}, at most "
-                 f"{q['max_ppl_rise']:.2%}), scoring {q['scoring_speedup']:.2f}x faster; max |Δ log p| vs PyTorch "
-                 f"{q['validation']['max_abs_logprob_diff']:.1e}\nproducts: "
-                 + ", ".join(f"{k} {v}" for k, v in q["choices"].items()))
-        layout = q["layout"]
-        timed = "; ".join(f"{c['form']} {c['batch1_tokens_per_s']:,.0f} / {c['lines_tokens_per_s'] or 0:,.0f}"
-                          for c in layout["candidates"])
-        text += f"\nlayout: {layout['chosen']} " + (f"(tokens/s at batch 1 / on lines: {timed})" if timed
-                                                    else f"({layout['reason']})")
-    if "triton" in summary:
-        text += f"\nTriton model repository: {summary['triton']}"
-    return text
+    emit(summary, as_json, export_text(summary))
 
 
 ModelOpt = Annotated[Path | None, typer.Option("--model", help="Bundle or model directory (default: the newest bundle under ./models).")]

@@ -375,7 +375,7 @@ def test_each_epoch_starts_from_the_zero_state(tmp_path: Path, monkeypatch: pyte
 
 
 def test_an_interrupt_before_the_first_validation_says_no_model_was_saved(tmp_path: Path) -> None:
-    from rnnlm.cli import _train_summary
+    from rnnlm.reports import train_summary
 
     def interrupt(step: int) -> None:
         if step == 2:
@@ -383,14 +383,14 @@ def test_an_interrupt_before_the_first_validation_says_no_model_was_saved(tmp_pa
 
     r = train(cell="lstm", corpus=tiny_corpus(), out=tmp_path, overrides=TINY, device="cpu", quiet=True,
               on_step=interrupt, tensorboard=False)
-    data, text = _train_summary(r, dry_run=False)
+    data, text = train_summary(r, dry_run=False)
     assert r.interrupted_by == signal.SIGINT and not (tmp_path / "model.safetensors").exists()
     assert data["model_saved"] is False and data["resume_state_saved"] is True
     assert "before the first validation: no model saved" in text and "continue with --resume" in text
     assert "best valid ppl" not in text and "checkpoint in" not in text
     resumed = train(cell="lstm", corpus=tiny_corpus(), out=tmp_path, overrides=TINY, device="cpu", quiet=True,
                     resume=True, max_steps=4, tensorboard=False)
-    data, text = _train_summary(resumed, dry_run=False)
+    data, text = train_summary(resumed, dry_run=False)
     assert data["model_saved"] is True and text.startswith("best valid ppl ") and f"checkpoint in {tmp_path}" in text
 
 
