@@ -115,23 +115,14 @@ def quantize_bundle(model: LanguageModel, tracer: GraphTracer, graphs: dict[str,
                                         ids[:STEP_CHECK_TOKENS], lm.eos_id)
     step_rows = _plan({"step": graphs["step"]}, mode, tracer.chunk, threads, ranges)
     variants, reason = _variants(model, tracer, graphs, mode, step_rows, threads, ranges)
-    if len(variants) > 1:
-        staged = {v.name: stage_quantized(v.graphs, v.rows, ranges, tmp, stage) for v in variants}
-        candidates = [{**c, **variants[i].describe()} for i, c in enumerate(time_variants(staged, ids))]
-        best = max(range(len(variants)), key=lambda i: _merit(candidates[i]))
-        del staged
-        record: dict[str, Any] = {**variants[best].describe(), "chosen": variants[best].name, "threads": threads,
-                                  "candidates": candidates, "rule": "the higher geometric mean of tokens/s at batch 1 "
-                                  f"and at {quantize.BATCH_ROWS} lines per call"}
-    else:
-        best, record = 0, {**variants[0].describe(), "chosen": variants[0].name, "candidates": [], "reason": reason}
-    graphs, rows = variants[best].graphs, variants[best].rows
+    chosen, record = _choose_layout(variants, reason, ranges, tmp, stage, ids, threads)
+    graphs, rows = chosen.graphs, chosen.rows
     lm, report, nllq, tq, attempts = _check(model, graphs, rows, ranges, tmp, stage, ids, nll32, max_ppl_rise)
     rises = {g: math.exp(nllq[g] - nll32[g]) - 1 for g in nllq}
     ppl32, pplq = math.exp(nll32["score"]), math.exp(nllq["score"])
     result = {"mode": mode, "method": "per product by measurement: fp32, int8 (MatMulIntegerToFloat, per-column "
               "weight scales, one activation scale per product calibrated at export: activation_range), 4-bit "
-              "(MatMulNBits), bf16 where onnxruntime has a kernel; then whole bundles timed where a product's "
+              "(MatMulNBits; generation's step graph only), bf16 where onnxruntime has a kernel; then whole bundles timed where a product's "
               "timing alone cannot decide: a plain LSTM layer as a Scan or ONNX's LSTM operator, the recurrent "
               "products in their fastest form at batch 1 or by the geometric mean (layout)", "threads": threads,
               "layout": record, "products": rows, "attempts": attempts,
@@ -212,6 +203,20 @@ def _batch1_forms(plan: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
         if form != r["chosen"]:
             r["chosen"], r["chosen_for"], changed = form, "batch 1", True
     return rows if changed else None
+
+
+def _choose_layout(variants: list[Variant], reason: str, ranges: dict[quantize.ContentKey, float], tmp: Path,
+                   stage: Stage, ids: np.ndarray, threads: int) -> tuple[Variant, dict[str, Any]]:
+    """The layout to keep and the manifest's record of it: with one candidate, that one and why; else
+    each staged in ``tmp`` and timed (``time_variants``), the higher geometric mean of its speeds kept."""
+    if len(variants) == 1:
+        return variants[0], {**variants[0].describe(), "chosen": variants[0].name, "candidates": [], "reason": reason}
+    staged = {v.name: stage_quantized(v.graphs, v.rows, ranges, tmp, stage) for v in variants}
+    candidates = [{**c, **v.describe()} for v, c in zip(variants, time_variants(staged, ids), strict=True)]
+    best = max(range(len(variants)), key=lambda i: _merit(candidates[i]))
+    return variants[best], {**variants[best].describe(), "chosen": variants[best].name, "threads": threads,
+                            "candidates": candidates, "rule": "the higher geometric mean of tokens/s at batch 1 "
+                            f"and at {quantize.BATCH_ROWS} lines per call"}
 
 
 def _lines(ids: np.ndarray, eos_id: int, n: int) -> list[list[int]]:
