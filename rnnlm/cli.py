@@ -248,7 +248,9 @@ def export(
     advance_chunk: Annotated[int, typer.Option(help="Most time steps per call of the advance graph, which reads prompts "
                                                "(0: leave it out).")] = 128,
     quantize: Annotated[str | None, typer.Option(help="auto: each large product in the form measured fastest (fp32, "
-                                                 "int8, 4-bit); int8: every large product int8. Checked by perplexity.")] = None,
+                                                 "int8, 4-bit for generation), then whole layouts timed (an LSTM layer as a "
+                                                 "Scan or ONNX's LSTM operator) on this machine's threads: export where you "
+                                                 "serve; int8: every large product int8. Checked by perplexity.")] = None,
     max_ppl_rise: Annotated[float, typer.Option(help="With --quantize: refuse a bundle whose PTB valid perplexity rises "
                                                 "more than this fraction over float32.")] = 0.01,
     force: Annotated[bool, typer.Option(help="Replace --out even if it is not a bundle, or a bundle of another checkpoint.")] = False,
