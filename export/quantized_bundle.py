@@ -122,9 +122,10 @@ def quantize_bundle(model: LanguageModel, tracer: GraphTracer, graphs: dict[str,
     ppl32, pplq = math.exp(nll32["score"]), math.exp(nllq["score"])
     result = {"mode": mode, "method": "per product by measurement: fp32, int8 (MatMulIntegerToFloat, per-column "
               "weight scales, one activation scale per product calibrated at export: activation_range), 4-bit "
-              "(MatMulNBits; generation's step graph only), bf16 where onnxruntime has a kernel; then whole bundles timed where a product's "
-              "timing alone cannot decide: a plain LSTM layer as a Scan or ONNX's LSTM operator, the recurrent "
-              "products in their fastest form at batch 1 or by the geometric mean (layout)", "threads": threads,
+              "(MatMulNBits; generation's step graph only), bf16 where onnxruntime has a kernel; then whole "
+              "bundles timed where a product's timing alone cannot decide: a plain LSTM layer as a Scan or "
+              "ONNX's LSTM operator, the recurrent products in their fastest form at batch 1 or by the "
+              "geometric mean (layout)", "threads": threads,
               "layout": record, "products": rows, "attempts": attempts,
               "text": "PTB valid" if is_valid else "sampled from the model",
               "tokens": int(len(ids)), "fp32_ppl": ppl32, "ppl": pplq, "nll": nllq["score"] * len(ids),
@@ -173,12 +174,10 @@ def _variants(model: LanguageModel, tracer: GraphTracer, graphs: dict[str, onnx.
     ranked by the geometric mean: where its fastest form at one row differs, a bundle with that form
     is timed too (a Scan step's extra node, an int8 product's QuantizeLinear, shows in the whole graph
     at batch 1, not in the product's own timing). A plain LSTM layer can also be ONNX's LSTM operator."""
-    if mode != "auto":
-        return [Variant(SCAN, SCAN, "plan", graphs, step_rows + _plan({"score": graphs["score"]}, mode, tracer.chunk,
-                                                                      threads, ranges))], \
-            "--quantize int8 quantizes every product, the recurrent ones too: one layout"
     plan = step_rows + _plan({"score": graphs["score"]}, mode, tracer.chunk, threads, ranges)
     out = [Variant(SCAN, SCAN, "plan", graphs, plan)]
+    if mode != "auto":
+        return out, "--quantize int8 quantizes every product, the recurrent ones too: one layout"
     batch1 = _batch1_forms(plan)
     if batch1 is not None:
         out.append(Variant(f"{SCAN}, batch-1 forms", SCAN, "batch-1", graphs, batch1))
@@ -226,8 +225,7 @@ def _lines(ids: np.ndarray, eos_id: int, n: int) -> list[list[int]]:
     return [[int(t) for t in ids[s : e + 1]] for s, e in zip(starts[:n], cuts[:n], strict=False) if e >= s]
 
 
-def time_variants(lms: dict[str, Runtime], ids: np.ndarray,
-                     rounds: int = LAYOUT_ROUNDS) -> list[dict[str, Any]]:
+def time_variants(lms: dict[str, Runtime], ids: np.ndarray, rounds: int = LAYOUT_ROUNDS) -> list[dict[str, Any]]:
     """Tokens/s of each staged bundle, interleaved over ``rounds``: exact scoring of the first
     LAYOUT_TOKENS of ``ids`` at batch 1, and its first LAYOUT_LINES lines scored
     ``quantize.BATCH_ROWS`` per call."""
