@@ -12,9 +12,10 @@ before it is written.
    at one row and at BATCH_ROWS, which can pick a form (int8: QuantizeLinear + its product, two nodes)
    that a step at batch 1 pays for. Which is faster depends on the machine and its threads
    (bench/RESULTS.md, "Goals, session 8"), so in ``auto`` mode each such bundle is staged and timed
-   on the perplexity text at batch 1 (exact scoring) and at BATCH_ROWS lines per call (per-line
-   scoring), and the one with the higher geometric mean of the two speeds is kept. ``int8`` mode
-   quantizes every product, the recurrence's too, so it has one layout.
+   on the perplexity text in the three uses a layout serves: exact scoring at batch 1, lines at
+   BATCH_ROWS per call, and a prompt read through the advance graph; the one with the highest
+   geometric mean of the three speeds is kept. ``int8`` mode quantizes every product, the
+   recurrence's too, so it has one layout.
 4. The check: each graph's perplexity against the float32 graphs' (``--max-ppl-rise``) and its
    log-probabilities against PyTorch. A graph that fails has its 4-bit products demoted to int8 and
    the bundle is rebuilt; when even that fails, export refuses.
@@ -64,6 +65,11 @@ LAYOUT_TOKENS = 8192
 LAYOUT_LINES = 512
 LAYOUT_ROUNDS = 5
 SCAN, ONNX_LSTM = "scan", "onnx-lstm"
+# A layout serves three uses, each timed and weighed alike: exact scoring at batch 1, lines scored in
+# batches, and a prompt read (the advance graph). The LSTM operator reads prompts and exact text
+# 1.1-1.3x faster than a Scan with int8 products and lines 0.9x as fast (bench/RESULTS.md, "Goals,
+# session 9"): timing only the first two left its choice to the noise.
+SPEEDS = ("batch1", "lines", "prompt")
 
 Stage = Callable[[dict[str, Any]], Any]  # restage the manifest over the graphs in the staging directory
 
@@ -207,15 +213,15 @@ def _batch1_forms(plan: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
 def _choose_layout(variants: list[Variant], reason: str, ranges: dict[quantize.ContentKey, float], tmp: Path,
                    stage: Stage, ids: np.ndarray, threads: int) -> tuple[Variant, dict[str, Any]]:
     """The layout to keep and the manifest's record of it: with one candidate, that one and why; else
-    each staged in ``tmp`` and timed (``time_variants``), the higher geometric mean of its speeds kept."""
+    each staged in ``tmp`` and timed (``time_variants``), the highest geometric mean of its speeds kept."""
     if len(variants) == 1:
         return variants[0], {**variants[0].describe(), "chosen": variants[0].name, "candidates": [], "reason": reason}
     staged = {v.name: stage_quantized(v.graphs, v.rows, ranges, tmp, stage) for v in variants}
     candidates = [{**c, **v.describe()} for v, c in zip(variants, time_variants(staged, ids), strict=True)]
     best = max(range(len(variants)), key=lambda i: _merit(candidates[i]))
     return variants[best], {**variants[best].describe(), "chosen": variants[best].name, "threads": threads,
-                            "candidates": candidates, "rule": "the higher geometric mean of tokens/s at batch 1 "
-                            f"and at {quantize.BATCH_ROWS} lines per call"}
+                            "candidates": candidates, "rule": "the highest geometric mean of tokens/s: exact scoring at "
+                            f"batch 1, lines at {quantize.BATCH_ROWS} per call, and a prompt read"}
 
 
 def _lines(ids: np.ndarray, eos_id: int, n: int) -> list[list[int]]:
@@ -226,29 +232,34 @@ def _lines(ids: np.ndarray, eos_id: int, n: int) -> list[list[int]]:
 
 
 def time_variants(lms: dict[str, Runtime], ids: np.ndarray, rounds: int = LAYOUT_ROUNDS) -> list[dict[str, Any]]:
-    """Tokens/s of each staged bundle, interleaved over ``rounds``: exact scoring of the first
-    LAYOUT_TOKENS of ``ids`` at batch 1, and its first LAYOUT_LINES lines scored
-    ``quantize.BATCH_ROWS`` per call."""
+    """Tokens/s of each staged bundle, interleaved over ``rounds`` (each bundle's median counts), in
+    the three uses its layout serves: exact scoring of the first LAYOUT_TOKENS of ``ids`` at batch 1,
+    its first LAYOUT_LINES lines scored ``quantize.BATCH_ROWS`` per call (both the scoring graph), and
+    the same LAYOUT_TOKENS read as a prompt (the advance graph, where the bundle has one)."""
     first = next(iter(lms.values()))
     stream, lines = ids[:LAYOUT_TOKENS], _lines(ids, first.eos_id, LAYOUT_LINES)
+    prompt = [int(t) for t in stream] if first.advance_chunk and len(stream) >= first.advance_chunk else []
     line_tokens = sum(len(line) for line in lines)
-    seconds: dict[str, dict[str, list[float]]] = {k: {"batch1": [], "lines": []} for k in lms}
+    uses: dict[str, tuple[int, Callable[[Runtime], Any]]] = {
+        "batch1": (len(stream), lambda lm: score_ids(lm, stream)),
+        "lines": (line_tokens, lambda lm: lm.sequence_logprobs(lines, batch_size=quantize.BATCH_ROWS)),
+        "prompt": (len(prompt), lambda lm: lm.advance(lm.context(), prompt)),
+    }
+    uses = {k: u for k, u in uses.items() if u[0]}
+    seconds: dict[str, dict[str, list[float]]] = {k: {use: [] for use in uses} for k in lms}
     for _ in range(rounds):
         for name, lm in lms.items():
-            t = time.perf_counter()
-            score_ids(lm, stream)
-            seconds[name]["batch1"].append(time.perf_counter() - t)
-            t = time.perf_counter()
-            lm.sequence_logprobs(lines, batch_size=quantize.BATCH_ROWS)
-            seconds[name]["lines"].append(time.perf_counter() - t)
-    return [{"form": name, "batch1_tokens_per_s": len(stream) / statistics.median(s["batch1"]),
-             "lines_tokens_per_s": line_tokens / statistics.median(s["lines"]) if lines else None,
-             "lines": len(lines)} for name, s in seconds.items()]
+            for use, (_, run) in uses.items():
+                t = time.perf_counter()
+                run(lm)
+                seconds[name][use].append(time.perf_counter() - t)
+    return [{"form": name, **{f"{use}_tokens_per_s": (uses[use][0] / statistics.median(s[use]) if use in uses else None)
+                              for use in SPEEDS}, "lines": len(lines)} for name, s in seconds.items()]
 
 
 def _merit(candidate: dict[str, Any]) -> float:
-    """The geometric mean of a bundle's two speeds (batch 1 alone where the text has no line)."""
-    speeds = [v for v in (candidate["batch1_tokens_per_s"], candidate["lines_tokens_per_s"]) if v]
+    """The geometric mean of a bundle's speeds in the uses timed (``time_variants``)."""
+    speeds = [v for v in (candidate[f"{use}_tokens_per_s"] for use in SPEEDS) if v]
     return math.exp(sum(math.log(v) for v in speeds) / len(speeds))
 
 

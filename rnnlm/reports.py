@@ -50,10 +50,11 @@ def export_text(summary: dict[str, Any]) -> str:
                  f"{q['validation']['max_abs_logprob_diff']:.1e}\nproducts: "
                  + ", ".join(f"{k} {v}" for k, v in q["choices"].items()))
         layout = q["layout"]
-        timed = "; ".join(f"{c['form']} {c['batch1_tokens_per_s']:,.0f} / {c['lines_tokens_per_s'] or 0:,.0f}"
+        timed = "; ".join(f"{c['form']} " + " / ".join(f"{c.get(f'{use}_tokens_per_s') or 0:,.0f}"
+                                                      for use in ("batch1", "lines", "prompt"))
                           for c in layout["candidates"])
-        text += f"\nlayout: {layout['chosen']} " + (f"(tokens/s at batch 1 / on lines: {timed})" if timed
-                                                    else f"({layout['reason']})")
+        text += f"\nlayout: {layout['chosen']} " + (f"(tokens/s at batch 1 / on lines / in a prompt: {timed})"
+                                                    if timed else f"({layout['reason']})")
     if "triton" in summary:
         text += f"\nTriton model repository: {summary['triton']}"
     return text

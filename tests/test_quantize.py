@@ -122,9 +122,9 @@ def test_every_cell_quantizes_every_product_with_a_calibrated_range(built: Calla
 def test_the_layout_is_chosen_by_timing_whole_bundles(built: Callable[[str, bool], Built], tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch, favoured: str) -> None:
     """``auto`` on a plain LSTM stages every layout (the per-product plan; its per-step products in their
-    fastest form at one row; the layer as ONNX's LSTM operator) and times each at batch 1 and on lines;
-    the fastest (here made so by scaling the real measurement) is what the bundle's graphs hold, and it
-    passes the same checks: perplexity, PyTorch, batch independence, the advance graph."""
+    fastest form at one row; the layer as ONNX's LSTM operator) and times each at batch 1, on lines and
+    reading a prompt; the fastest (here made so by scaling the real measurement) is what the bundle's
+    graphs hold, and it passes the same checks: perplexity, PyTorch, batch independence, the advance graph."""
     from rnnlm.export import quantize, quantized_bundle
     from rnnlm.serve import LanguageModel as Runtime
 
@@ -137,8 +137,8 @@ def test_the_layout_is_chosen_by_timing_whole_bundles(built: Callable[[str, bool
         measured.append([dict(r) for r in rows])
         for r in rows:
             if r["form"] == favoured:
-                r["batch1_tokens_per_s"] *= 1e3
-                r["lines_tokens_per_s"] *= 1e3
+                for use in ("batch1", "lines", "prompt"):
+                    r[f"{use}_tokens_per_s"] *= 1e3
         return rows
 
     monkeypatch.setattr(quantized_bundle, "time_variants", tilted)
@@ -150,7 +150,7 @@ def test_the_layout_is_chosen_by_timing_whole_bundles(built: Callable[[str, bool
     assert layout["chosen"] == favoured
     assert [c["form"] for c in layout["candidates"]] == ["scan", "scan, batch-1 forms", "onnx-lstm"]
     assert len(measured) == 1 and all(c["batch1_tokens_per_s"] > 0 and c["lines_tokens_per_s"] > 0 and c["lines"] > 0
-                                      for c in measured[0])
+                                      and c["prompt_tokens_per_s"] > 0 for c in measured[0])
     fused = favoured == "onnx-lstm"
     assert layout["recurrence"] == ("onnx-lstm" if fused else "scan")
     for name in ("score.onnx", "advance.onnx"):
