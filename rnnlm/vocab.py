@@ -28,25 +28,32 @@ class VocabError(RnnlmError):
     """A vocabulary file or request that cannot be used."""
 
 
-def _check_token(token: str, where: str) -> None:
-    if token.split() != [token]:  # one line of vocab.txt per token: no whitespace inside
-        raise VocabError(f"{where}: empty token or whitespace in {token!r}")
+def _index(tokens: list[str], source: str, unit: str) -> dict[str, int]:
+    """token -> id of ``tokens``, refused at the first empty token, token with whitespace inside, or
+    duplicate, named by ``unit``: "line" (vocab.txt's, from 1) or "id" (from 0); then without a
+    special token. One pass over the tokens where they are good, as at every bundle load."""
+    stoi = {token: i for i, token in enumerate(tokens)}
+    if len(stoi) != len(tokens) or not all(token.split() == [token] for token in tokens):
+        first = 1 if unit == "line" else 0
+        seen: dict[str, int] = {}
+        for i, token in enumerate(tokens, start=first):
+            if token.split() != [token]:  # one line of vocab.txt per token: no whitespace inside
+                raise VocabError(f"{source}, {unit} {i}: empty token or whitespace in {token!r}")
+            if token in seen:
+                raise VocabError(f"{source}, {unit} {i}: duplicate token {token!r} (first on {unit} {seen[token]})")
+            seen[token] = i
+    for special in SPECIALS:
+        if special not in stoi:
+            raise VocabError(f"{source}: no {unit} holds the special token {special}")
+    return stoi
 
 
 class Vocabulary:
     """A bijection between tokens and ids; the id of ``itos[i]`` is ``i``."""
 
-    def __init__(self, itos: Sequence[str], *, source: str = "vocabulary") -> None:
+    def __init__(self, itos: Sequence[str], *, source: str = "vocabulary", unit: str = "id") -> None:
         self.itos: list[str] = list(itos)
-        self.stoi: dict[str, int] = {}
-        for i, token in enumerate(self.itos):
-            _check_token(token, f"{source}, id {i}")
-            if token in self.stoi:
-                raise VocabError(f"{source}: duplicate token {token!r} at ids {self.stoi[token]} and {i}")
-            self.stoi[token] = i
-        for special in SPECIALS:
-            if special not in self.stoi:
-                raise VocabError(f"{source}: lacks the special token {special}")
+        self.stoi: dict[str, int] = _index(self.itos, source, unit)
 
     @classmethod
     def build(cls, tokens: Iterable[str], *, max_size: int | None = None, min_count: int = 1) -> Vocabulary:
@@ -92,17 +99,7 @@ class Vocabulary:
             raise VocabError(f"{path} is not valid UTF-8 (bad byte at offset {e.start})") from None
         if not text:
             raise VocabError(f"{path} is empty")
-        lines = text.removesuffix("\n").split("\n")
-        seen: dict[str, int] = {}
-        for lineno, token in enumerate(lines, start=1):
-            _check_token(token, f"{path}, line {lineno}")
-            if token in seen:
-                raise VocabError(f"{path}, line {lineno}: duplicate token {token!r} (first on line {seen[token]})")
-            seen[token] = lineno
-        for special in SPECIALS:
-            if special not in seen:
-                raise VocabError(f"{path}: no line holds the special token {special}")
-        return cls(lines, source=str(path))
+        return cls(text.removesuffix("\n").split("\n"), source=str(path), unit="line")
 
     def save(self, path: str | Path) -> None:
         """Write ``vocab.txt`` atomically (UTF-8, one token per line)."""
