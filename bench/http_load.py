@@ -233,6 +233,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--batches", default="1,32", help="--max-batch values to compare")
+    ap.add_argument("--thread-pool", default="shared", choices=("shared", "per-session"),
+                    help="the server's --thread-pool (run once with each to compare them)")
     ap.add_argument("--completions", type=int, default=256, help="/v1/completions jobs (on the last server)")
     ap.add_argument("--sessions", type=int, default=64, help="session scripts (on the last server)")
     args = ap.parse_args()
@@ -262,14 +264,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for max_batch in batches:
             proc, port = start_server(args.model, Path(tmp) / f"server-{max_batch}.log", "--max-batch", str(max_batch),
-                                      "--threads", str(args.threads), "--max-queue", str(4 * args.clients))
+                                      "--threads", str(args.threads), "--max-queue", str(4 * args.clients),
+                                      "--thread-pool", args.thread_pool)
             try:
                 asyncio.run(load(port, jobs[:64], args.clients))  # warm-up
                 t, cpu, server_cpu = time.perf_counter(), time.process_time(), _cpu_seconds(proc.pid)
                 done = asyncio.run(load(port, jobs[: len(sentences)], args.clients))
                 wall = time.perf_counter() - t
                 cpu, server_cpu = time.process_time() - cpu, _cpu_seconds(proc.pid) - server_cpu
+                t_gen = time.perf_counter()
                 gen = asyncio.run(load(port, jobs[len(sentences):], args.clients))
+                t_gen = time.perf_counter() - t_gen
                 metrics = asyncio.run(_get(port, "/metrics")).decode()
                 if max_batch == batches[-1]:
                     name = json.loads(asyncio.run(_get(port, "/v1/models")))["data"][0]["id"]
@@ -290,6 +295,7 @@ def main() -> None:
                   f"p50 {percentile(lat, 50) * 1e3:6.1f} ms, p99 {percentile(lat, 99) * 1e3:6.1f} ms, "
                   f"errors {len(errors)}, mismatches vs served alone {mismatches} "
                   f"(of {len(done)} score + {len(gen)} generate), server exit {code}")
+            print(f"  generation: {len(gen)} requests in {t_gen:.2f} s ({len(gen) / t_gen:.1f} req/s)")
             print(f"  CPU while scoring: server {server_cpu / wall:.2f} cores, these clients {cpu / wall:.2f} cores "
                   f"(of {os.cpu_count()})")
             count = re.search(r"^rnnlm_score_batch_sequences_count (\S+)", metrics, re.M)

@@ -122,11 +122,12 @@ def interleaved(runners: Sequence[Callable[[], object]], repeat: int) -> list[li
     return runs
 
 
-def over_http(bundle: Path, prompt: str, threads: int) -> tuple[int, float, list[float]]:
+def over_http(bundle: Path, prompt: str, threads: int, thread_pool: str = "shared") -> tuple[int, float, list[float]]:
     with tempfile.NamedTemporaryFile("w+", suffix=".log") as log:
         proc = subprocess.Popen([sys.executable, "-m", "rnnlm", "serve", "--model", str(bundle), "--port", "0",
                                  "--threads", str(threads), "--max-body-bytes", str(4 << 20), "--timeout", "600",
-                                 "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=log)
+                                 "--thread-pool", thread_pool, "--log-level", "warning"],
+                                stdout=subprocess.DEVNULL, stderr=log)
         try:
             deadline = time.monotonic() + 120
             while not (m := re.search(r"on http://127\.0\.0\.1:(\d+)", Path(log.name).read_text())):
@@ -181,6 +182,7 @@ def main() -> None:
     ap.add_argument("--no-score", action="store_true", help="skip the scoring graph's in-process run")
     ap.add_argument("--advance-threads", default="auto", help="intra-op threads of the advance session to compare, "
                     "e.g. 1,2 (auto: the runtime's choice, serve.graphs.advance_threads)")
+    ap.add_argument("--thread-pool", default="shared", choices=("shared", "per-session"), help="the server's --thread-pool")
     args = ap.parse_args()
     prompt = one_mib(args.data)
     with tempfile.TemporaryDirectory() as tmp:
@@ -209,8 +211,9 @@ def main() -> None:
                   f"{step / seconds:.2f}x the step graph")
         del lm, advancing, runners
         if not args.no_http:
-            report_http("without advance (before)", *over_http(old, prompt, args.threads))
-            report_http(f"with advance, chunk {chunks[0]} (after)", *over_http(bundles[0], prompt, args.threads))
+            report_http("without advance (before)", *over_http(old, prompt, args.threads, args.thread_pool))
+            report_http(f"with advance, chunk {chunks[0]} (after)",
+                        *over_http(bundles[0], prompt, args.threads, args.thread_pool))
 
 
 if __name__ == "__main__":

@@ -419,6 +419,9 @@ def serve(
     raw: Annotated[bool, typer.Option(help="Take tokens as they are: no lower-casing, no numbers to N.")] = False,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
+    thread_pool: Annotated[str, typer.Option(help="shared: one onnxruntime thread pool for all of the model's graphs "
+                                             "(they take turns without taking cores from each other); per-session: "
+                                             "a pool per graph.")] = "shared",
     log_level: Annotated[str, typer.Option(help="critical, error, warning, info or debug.")] = "info",
 ) -> None:
     """Serve scoring and generation over HTTP (FastAPI + uvicorn; needs the `server` extra).
@@ -443,7 +446,8 @@ def serve(
         raise fail(f"--log-level must be critical, error, warning, info or debug, not {log_level!r}")
     settings = ServerSettings(max_concurrency=max_concurrency, max_queue=max_queue, max_batch=max_batch, timeout=timeout,
                               max_body_bytes=max_body_bytes, max_generate_tokens=max_generate_tokens, device=device,
-                              threads=threads, raw=raw, max_sessions=max_sessions, session_ttl=session_ttl)
+                              threads=threads, thread_pool=thread_pool, raw=raw, max_sessions=max_sessions,
+                              session_ttl=session_ttl)
     code = run(lambda: run_server(model, host=host, port=port, settings=settings, grace=grace, log_level=log_level))
     raise typer.Exit(code)
 

@@ -14,8 +14,32 @@ from rnnlm.serve.values import State
 DTYPES = {"int64": "tensor(int64)", "float32": "tensor(float)"}
 
 
+# Intra-op threads of the process-wide onnxruntime pool once ``share_thread_pool`` made it (``rnnlm
+# serve``); None while every session has its own pool.
+_shared_pool: int | None = None
+
+
+def share_thread_pool(threads: int) -> None:
+    """One intra-op thread pool of ``threads`` for every onnxruntime session this process creates
+    from now on, instead of one per session. A server alternates its scoring, step and advance
+    sessions (and requests run two at a time), and pools of their own, each spinning after its run,
+    take the two cores from each other: a quantized LSTM step alternated with another session's
+    took 132-173 us with a pool per session and 88 us with one shared pool (bench/RESULTS.md).
+    Process-wide and final: onnxruntime then refuses a session with its own pool, and a shared pool
+    sets every session's thread count, so only a process that owns every session (``rnnlm serve``)
+    calls this, before its first session."""
+    global _shared_pool
+    if _shared_pool is not None:
+        if threads != _shared_pool:
+            raise RuntimeError(f"this process already shares a pool of {_shared_pool} threads")
+        return
+    ort.set_global_thread_pool_sizes(threads, 1)
+    _shared_pool = threads
+
+
 def session_options(threads: int) -> ort.SessionOptions:
-    """The onnxruntime options of every session, with ``threads`` intra-op threads."""
+    """The onnxruntime options of every session, with ``threads`` intra-op threads (the shared
+    pool's instead, where ``share_thread_pool`` made one)."""
     opts = ort.SessionOptions()
     # Measured (bench/RESULTS.md): on the unrolled graphs of older bundles (thousands of small nodes)
     # onnxruntime's memory-reuse planner took seconds while saving no run time; on the Scan graphs
@@ -25,6 +49,9 @@ def session_options(threads: int) -> ort.SessionOptions:
     opts.enable_mem_reuse = False
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 4  # a CUDA provider that cannot start is reported in one line, not ORT's log
+    if _shared_pool is not None:
+        opts.use_per_session_threads = False  # the thread counts are the shared pool's
+        return opts
     opts.inter_op_num_threads = 1
     # Deliberate: one intra-op thread per core; the recurrent step is small, so more threads than
     # cores only adds synchronisation.

@@ -63,6 +63,9 @@ from rnnlm.text import Token, check_text
 log = logging.getLogger("rnnlm.serve")
 
 
+THREAD_POOLS = ("shared", "per-session")
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     max_concurrency: int = 2  # onnxruntime calls at once (one per core is plenty)
@@ -75,12 +78,15 @@ class ServerSettings:
     session_ttl: float = 600.0  # seconds a session may stay unused before it is closed
     device: str = "auto"
     threads: int | None = None
+    thread_pool: str = "shared"  # "shared": one onnxruntime pool for the process (run_server); or "per-session"
     raw: bool = False
 
     def check(self) -> None:
         for name in ("max_concurrency", "max_batch", "max_body_bytes", "max_generate_tokens", "max_sessions"):
             if getattr(self, name) < 1:
                 raise RnnlmError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.thread_pool not in THREAD_POOLS:
+            raise RnnlmError(f"--thread-pool must be {' or '.join(THREAD_POOLS)}, not {self.thread_pool!r}")
         if self.max_queue < 0:
             raise RnnlmError(f"--max-queue must be >= 0, got {self.max_queue}")
         if not (math.isfinite(self.timeout) and self.timeout > 0):

@@ -119,6 +119,49 @@ def test_real_server_scores_and_streams_a_generation(server: Server, lm: Languag
     assert events[-1] == ("done", {"samples": want_samples, "tokens": 24, "seed": 11})
 
 
+def test_both_thread_pools_serve_the_numbers_of_the_runtime(lstm_bundle: Path, lm: LanguageModel, tmp_path: Path) -> None:
+    """``--thread-pool per-session`` (a pool per graph, as the Python API has) and the default shared
+    pool (``server`` above) serve the same scores and seeded samples as the runtime in this process."""
+    srv = Server(lstm_bundle, tmp_path / "server.log", "--thread-pool", "per-session")
+    try:
+        lines = ["the stock market fell", "shares of the company rose 3.5 percent"]
+        r = srv.post("/v1/score", {"lines": lines})
+        assert r.status_code == 200, r.text
+        for got, want in zip(r.json()["lines"], lm.score_lines(lines), strict=True):
+            assert got["nll"] == pytest.approx(want.nll, rel=1e-6)
+        r = srv.post("/v1/generate", {"prompt": "the stock", "max_tokens": 8, "seed": 5, "stop": False})
+        assert r.json()["samples"] == lm.generate("the stock", max_new_tokens=8, seed=5, stop_at_eos=False)
+    finally:
+        assert srv.stop() == 0, srv.log.read_text()
+
+
+def test_a_shared_thread_pool_is_the_process_s_and_gives_the_same_numbers(lstm_bundle: Path, lm: LanguageModel) -> None:
+    """``share_thread_pool`` (what ``rnnlm serve`` calls first) in a fresh process: every session the
+    runtime then creates uses the shared pool and scores as a pool per session does (this process);
+    asking again for the same size is a no-op, for another size an error."""
+    code = (
+        "import json, sys\n"
+        "from rnnlm.serve.graphs import share_thread_pool\n"
+        "share_thread_pool(2)\n"
+        "share_thread_pool(2)\n"
+        "from rnnlm.serve import LanguageModel\n"
+        "lm = LanguageModel.load(sys.argv[1])\n"
+        "nll = [r.nll for r in lm.score_lines(['the stock market fell', 'a new bank'])]\n"
+        "try:\n"
+        "    share_thread_pool(1)\n"
+        "    again = 'accepted'\n"
+        "except RuntimeError as e:\n"
+        "    again = str(e)\n"
+        "print(json.dumps({'nll': nll, 'again': again, 'shared': not lm._options.use_per_session_threads}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(lstm_bundle)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["shared"] and out["again"] == "this process already shares a pool of 2 threads"
+    want = [r.nll for r in lm.score_lines(["the stock market fell", "a new bank"])]
+    assert out["nll"] == pytest.approx(want, rel=1e-6)
+
+
 def test_real_server_refuses_bad_bodies_and_stays_ready(server: Server) -> None:
     head = b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
 
@@ -227,6 +270,7 @@ def test_serve_cli_refuses_bad_setup_with_one_line(lstm_bundle: Path, tmp_path: 
             ("--model", str(lstm_bundle), "--max-sessions", "0"): "--max-sessions must be >= 1",
             ("--model", str(lstm_bundle), "--session-ttl", "nan"): "--session-ttl must be",
             ("--model", str(lstm_bundle), "--log-level", "loud"): "--log-level",
+            ("--model", str(lstm_bundle), "--thread-pool", "big"): "--thread-pool must be shared or per-session",
         }
         for args, words in cases.items():
             proc = serve(*args)
