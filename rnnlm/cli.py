@@ -1,6 +1,7 @@
 """The ``rnnlm`` command line. Each command imports its stage lazily and calls one plain function
 that the Python API exposes too; errors become one line on stderr and a non-zero exit code."""
 
+import contextlib
 import json
 import os
 import sys
@@ -452,6 +453,13 @@ def serve(
     raise typer.Exit(code)
 
 
+# Commands that run on the serving runtime alone and leave nothing for interpreter shutdown to do:
+# their output is flushed and files closed when they return. Their process then ends at once, as
+# the interpreter's own shutdown after importing numpy and onnxruntime costs 35-60 ms of a 0.3-0.4 s
+# `rnnlm score` (bench/RESULTS.md, "Goals, session 9").
+QUICK_EXIT = frozenset({"score", "generate", "rescore"})
+
+
 def main() -> None:
     os.environ.setdefault("PYTHONIOENCODING", "utf-8")
     try:
@@ -459,3 +467,15 @@ def main() -> None:
     except BrokenPipeError:  # `rnnlm score ... | head`
         sys.stderr.close()
         sys.exit(0)
+    except SystemExit as e:
+        if len(sys.argv) > 1 and sys.argv[1] in QUICK_EXIT and (e.code is None or isinstance(e.code, int)):
+            _exit_now(e.code or 0)
+        raise
+
+
+def _exit_now(code: int) -> None:
+    """Flush what the command wrote, then end the process without the interpreter's shutdown."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a reader that left (BrokenPipeError), a closed stream
+            stream.flush()
+    os._exit(code)

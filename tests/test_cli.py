@@ -142,6 +142,29 @@ def test_console_script_runs_without_a_traceback(tmp_path: Path) -> None:
     assert ok.returncode == 0 and json.loads(ok.stdout)["model"]["cell"] == "rhn"
 
 
+def test_quick_commands_end_their_process_with_every_line_written(lstm_bundle: Path, tmp_path: Path) -> None:
+    """score, generate and rescore end with os._exit once their output is flushed (cli.QUICK_EXIT): a
+    real process's stdout holds every line, a refusal is still one line and its code."""
+    text = tmp_path / "text.txt"
+    lines = ["the stock market fell", "a new bank", "shares rose"] * 300
+    text.write_text("\n".join(lines) + "\n")
+    cmd = [sys.executable, "-m", "rnnlm"]
+    ok = subprocess.run([*cmd, "score", str(text), "--model", str(lstm_bundle), "--per-line", "--json"],
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    rows = [json.loads(line) for line in ok.stdout.splitlines()]
+    assert len(rows) == len(lines) + 1 and rows[-1]["total"] and rows[-1]["tokens"] == sum(r["tokens"] for r in rows[:-1])
+    gen = subprocess.run([*cmd, "generate", "--model", str(lstm_bundle), "--prompt", "the stock", "--max-tokens", "5",
+                          "--seed", "3", "--json"], capture_output=True, text=True, timeout=120)
+    assert gen.returncode == 0, gen.stderr
+    from rnnlm.serve import LanguageModel
+    want = LanguageModel.load(lstm_bundle).generate("the stock", max_new_tokens=5, seed=3)
+    assert json.loads(gen.stdout)["samples"] == want
+    bad = subprocess.run([*cmd, "score", str(tmp_path / "missing.txt"), "--model", str(lstm_bundle)],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stdout == "" and bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: ")
+
+
 def test_export_with_triton_writes_a_repository_beside_the_bundle(built: Any, tmp_path: Path) -> None:
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
