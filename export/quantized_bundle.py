@@ -231,13 +231,15 @@ def _lines(ids: np.ndarray, eos_id: int, n: int) -> list[list[int]]:
     return [[int(t) for t in ids[s : e + 1]] for s, e in zip(starts[:n], cuts[:n], strict=False) if e >= s]
 
 
-def time_variants(lms: dict[str, Runtime], ids: np.ndarray, rounds: int = LAYOUT_ROUNDS) -> list[dict[str, Any]]:
-    """Tokens/s of each staged bundle, interleaved over ``rounds`` (each bundle's median counts), in
-    the three uses its layout serves: exact scoring of the first LAYOUT_TOKENS of ``ids`` at batch 1,
-    its first LAYOUT_LINES lines scored ``quantize.BATCH_ROWS`` per call (both the scoring graph), and
-    the same LAYOUT_TOKENS read as a prompt (the advance graph, where the bundle has one)."""
+def time_variants(lms: dict[str, Runtime], ids: np.ndarray, rounds: int = LAYOUT_ROUNDS, *,
+                  tokens: int = LAYOUT_TOKENS, max_lines: int = LAYOUT_LINES) -> list[dict[str, Any]]:
+    """Tokens/s of each bundle, interleaved over ``rounds`` (each bundle's median counts), in the three
+    uses its layout serves: exact scoring of the first ``tokens`` of ``ids`` at batch 1, its first
+    ``max_lines`` lines scored ``quantize.BATCH_ROWS`` per call (both the scoring graph), and the same
+    ``tokens`` read as a prompt (the advance graph, where the bundle has one). bench/layouts.py runs
+    it on any bundles."""
     first = next(iter(lms.values()))
-    stream, lines = ids[:LAYOUT_TOKENS], _lines(ids, first.eos_id, LAYOUT_LINES)
+    stream, lines = ids[:tokens], _lines(ids, first.eos_id, max_lines)
     prompt = [int(t) for t in stream] if first.advance_chunk and len(stream) >= first.advance_chunk else []
     line_tokens = sum(len(line) for line in lines)
     uses: dict[str, tuple[int, Callable[[Runtime], Any]]] = {
