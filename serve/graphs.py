@@ -66,7 +66,9 @@ def advance_threads(manifest: dict[str, Any], threads: int) -> int:
     and a step runs 1.15-1.65x faster. Quantized per-step products read a quarter of that, which fits
     one core, and splitting them only adds synchronisation: those bundles read prompts on one thread,
     leaving the other cores to the server's other requests (bench/RESULTS.md, "Threads of the
-    advance graph")."""
+    advance graph"). Under a shared pool (``share_thread_pool``), the pool's."""
+    if _shared_pool is not None:
+        return _shared_pool
     products = (manifest.get("quantization") or {}).get("products", [])
     per_step = [p for p in products if p.get("graph") == "score" and p.get("rows_per_call") == 1]
     return 1 if any(p.get("chosen", "fp32") != "fp32" for p in per_step) else threads

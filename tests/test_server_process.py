@@ -152,12 +152,14 @@ def test_a_shared_thread_pool_is_the_process_s_and_gives_the_same_numbers(lstm_b
         "    again = 'accepted'\n"
         "except RuntimeError as e:\n"
         "    again = str(e)\n"
-        "print(json.dumps({'nll': nll, 'again': again, 'shared': not lm._options.use_per_session_threads}))\n"
+        "print(json.dumps({'nll': nll, 'again': again, 'shared': not lm._options.use_per_session_threads,\n"
+        "                  'advance_threads': lm.advance_threads}))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code, str(lstm_bundle)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["shared"] and out["again"] == "this process already shares a pool of 2 threads"
+    assert out["advance_threads"] == 2  # the pool's, whatever the bundle's products
     want = [r.nll for r in lm.score_lines(["the stock market fell", "a new bank"])]
     assert out["nll"] == pytest.approx(want, rel=1e-6)
 
