@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import statistics
 import tempfile
 import time
@@ -116,7 +115,7 @@ def quantize_bundle(model: LanguageModel, tracer: GraphTracer, graphs: dict[str,
     result on ``ids`` and against PyTorch; returns the manifest's ``quantization``, the quantized
     bundle's runtime and its validation report. Raises RnnlmError when no form passes."""
     nll32, t32 = nlls(lm, ids)
-    threads = os.cpu_count() or 1
+    threads = lm.threads  # the runtime's own count: what the bundle will be timed and served at
     ranges = quantize.activation_ranges(graphs["step"], [(s.input, s.output) for s in state_layout(model)],
                                         ids[:STEP_CHECK_TOKENS], lm.eos_id)
     step_rows = _plan({"step": graphs["step"]}, mode, tracer.chunk, threads, ranges)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 import socket
 import sys
@@ -18,7 +17,7 @@ from types import FrameType
 
 import uvicorn
 from rnnlm.serve.bundle import Bundle, find_bundle
-from rnnlm.serve.graphs import share_thread_pool
+from rnnlm.serve.graphs import intra_threads, share_thread_pool
 from rnnlm.serve.server import ServerSettings, ServerState, create_app
 
 from rnnlm.errors import RnnlmError
@@ -36,7 +35,7 @@ def run_server(model: Path | None, *, host: str = "127.0.0.1", port: int = 8000,
     path = find_bundle(model)
     Bundle.open(path)  # a missing or damaged bundle is one clear line now, not a log entry later
     if settings.thread_pool == "shared":  # this process owns every session it will create
-        share_thread_pool(settings.threads or os.cpu_count() or 1)
+        share_thread_pool(intra_threads(settings.threads))
     sock = _listen(host, port)
     failed: list[str] = []
     holder: list[DrainingServer] = []

@@ -3,6 +3,7 @@ a session's interface against the manifest, and the step graph run through IOBin
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,11 @@ from rnnlm.serve.bundle import BundleError
 from rnnlm.serve.values import State
 
 DTYPES = {"int64": "tensor(int64)", "float32": "tensor(float)"}
+
+
+def intra_threads(threads: int | None) -> int:
+    """The intra-op threads a model's sessions get: ``threads``, or one per core."""
+    return threads or (os.cpu_count() or 1)
 
 
 # Intra-op threads of the process-wide onnxruntime pool once ``share_thread_pool`` made it (``rnnlm

@@ -7,7 +7,6 @@ bpc = nll / (tokens · ln 2) for character models. Every line ends in ``<eos>``,
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,14 @@ from rnnlm.serve.devices import cuda_unavailable as cuda_unavailable
 from rnnlm.serve.devices import device_note
 from rnnlm.serve.devices import gpu_present as gpu_present
 from rnnlm.serve.devices import providers_for as providers_for
-from rnnlm.serve.graphs import BoundStepper, advance_threads, check_io, fixed_steps, session_options
+from rnnlm.serve.graphs import (
+    BoundStepper,
+    advance_threads,
+    check_io,
+    fixed_steps,
+    intra_threads,
+    session_options,
+)
 from rnnlm.serve.portable import STATE_FORMAT as STATE_FORMAT
 from rnnlm.serve.values import Cancelled as Cancelled
 from rnnlm.serve.values import Context as Context
@@ -60,7 +66,7 @@ class LanguageModel:
         # prompt of at least one advance chunk, never at load, so cold start does not pay for it.
         self.advance_chunk = bundle.advance_chunk
         self.states = m["state"]
-        self.threads = threads or (os.cpu_count() or 1)
+        self.threads = intra_threads(threads)
         self._options = session_options(self.threads)
         self.advance_threads = advance_threads(m, self.threads)
         self.providers = providers_for(device)
