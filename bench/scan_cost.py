@@ -8,7 +8,9 @@ Each graph is a Scan over --steps steps whose body chains the named nodes from a
 float32 products, the first half kept, as in an RHN micro-layer), "3 int8" (the same three in the
 exporter's int8 form, ``export.quantize.int8_nodes``: what a quantized bundle runs). Printed: microseconds per
 step, best of 3. A step graph of N small nodes and P products costs about loop + N x node + P x
-product: the bound that bench/RESULTS.md's "The 1 MiB prompt, session 5" quotes.
+product: the bound that bench/RESULTS.md's "The 1 MiB prompt, session 5" quotes. "3 int8, scales
+after" is the form the advance graph's bodies take (``export.int8_passes.one_row_scales``): the same
+products with unit scales, then a Mul by the column scales and an Add of the bias (zero here).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 import numpy as np
 import onnxruntime as ort
 from onnx import NodeProto, TensorProto, ValueInfoProto, helper, numpy_helper
+from rnnlm.export.int8_passes import one_row_scales
 from rnnlm.export.quantize import int8_nodes
 
 
@@ -52,10 +55,12 @@ def vi(name: str, shape: list[int | str]) -> ValueInfoProto:
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
 
 
-def scan_model(h: int, products: int, elementwise: int, int8: bool) -> bytes:
+def scan_model(h: int, products: int, elementwise: int, int8: bool, scales_after: bool = False) -> bytes:
     nodes, inits = body(h, products, elementwise, int8)
     g = helper.make_graph(nodes, "body", [vi("s", [1, h]), vi("x", [1, h])], [vi("s_out", [1, h]), vi("y", [1, h])],
                           initializer=inits)
+    if scales_after:
+        one_row_scales(g)
     scan = helper.make_node("Scan", ["s0", "xs"], ["sN", "ys"], num_scan_inputs=1, body=g)
     outer = helper.make_graph([scan], "scan", [vi("s0", [1, h]), vi("xs", ["T", 1, h])], [vi("sN", [1, h]), vi("ys", ["T", 1, h])])
     model = helper.make_model(outer, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
@@ -63,8 +68,8 @@ def scan_model(h: int, products: int, elementwise: int, int8: bool) -> bytes:
     return model.SerializeToString()
 
 
-CASES = {"loop": (0, 0, False), "+30 Tanh": (0, 30, False), "1 Gemm": (1, 0, False), "3 Gemm": (3, 0, False),
-         "3 int8": (3, 0, True)}
+CASES = {"loop": (0, 0, False, False), "+30 Tanh": (0, 30, False, False), "1 Gemm": (1, 0, False, False),
+         "3 Gemm": (3, 0, False, False), "3 int8": (3, 0, True, False), "3 int8, scales after": (3, 0, True, True)}
 
 
 def main() -> None:
@@ -77,10 +82,10 @@ def main() -> None:
     xs, s0 = np.zeros((args.steps, 1, h), np.float32), np.zeros((1, h), np.float32)
     for threads in (int(n) for n in args.threads.split(",")):
         row = []
-        for name, (products, elementwise, int8) in CASES.items():
+        for name, (products, elementwise, int8, scales_after) in CASES.items():
             opts = ort.SessionOptions()
             opts.intra_op_num_threads, opts.log_severity_level = threads, 3
-            sess = ort.InferenceSession(scan_model(h, products, elementwise, int8), opts, providers=["CPUExecutionProvider"])
+            sess = ort.InferenceSession(scan_model(h, products, elementwise, int8, scales_after), opts, providers=["CPUExecutionProvider"])
             sess.run(None, {"s0": s0, "xs": xs[:100]})
             best = float("inf")
             for _ in range(3):

@@ -30,6 +30,11 @@ def subgraphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
     return [g for n in graph.node for g in node_graphs(n)]
 
 
+def scan_bodies(model: onnx.ModelProto) -> list[onnx.GraphProto]:
+    """The body of every Scan in ``model``, at any depth (inside an If's branches too)."""
+    return [body for graph in graphs_of(model) for n in graph.node if n.op_type == "Scan" for body in node_graphs(n)]
+
+
 def node_graphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
     """The graphs held in one node's attributes (a Scan's body)."""
     return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs))]

@@ -28,6 +28,7 @@ products, where quantizing the activations costs more than it saves. So the choi
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import statistics
@@ -40,7 +41,8 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-from rnnlm.export.passes import graphs_of, replace_nodes
+from rnnlm.export import int8_passes
+from rnnlm.export.passes import graphs_of, replace_nodes, scan_bodies
 
 MIN_ELEMENTS = 65_536  # 256 KB of float32: below this a product is too small to be worth it
 MIN_GAIN = 1.10  # a quantized form must be at least this much faster than fp32 to be chosen
@@ -221,10 +223,11 @@ def _session(form: str, w: np.ndarray, threads: int, act_range: float) -> Any:
     return ort.InferenceSession(one_node_model(form, w, act_range), opts, providers=["CPUExecutionProvider"])
 
 
-def time_forms(forms: list[str], w: np.ndarray, rows: int, threads: int) -> list[dict[str, Any]]:
+def time_forms(forms: list[str], w: np.ndarray, rows: int, threads: int, budget: float = 1.0) -> list[dict[str, Any]]:
     """Seconds per call of y = x @ w in each form at ``rows`` rows (median of ROUNDS rounds), its time
     relative to the first form's in the same rounds, and its error against float64. The forms are timed
-    in turn, round after round, so that a change in the machine's load falls on all of them alike."""
+    in turn, round after round, so that a change in the machine's load falls on all of them alike, for
+    ``budget`` x TIME_PER_CANDIDATE seconds each."""
     x = np.random.default_rng(0).standard_normal((rows, w.shape[0])).astype(np.float32)
     ref = x.astype(np.float64) @ w.astype(np.float64)
     out: dict[str, dict[str, Any]] = {}
@@ -239,7 +242,7 @@ def time_forms(forms: list[str], w: np.ndarray, rows: int, threads: int) -> list
         err = float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-30))
         t = time.perf_counter()
         sess.run(None, {"x": x})
-        calls = max(1, int(TIME_PER_CANDIDATE / ROUNDS / max(time.perf_counter() - t, 1e-6)))
+        calls = max(1, int(budget * TIME_PER_CANDIDATE / ROUNDS / max(time.perf_counter() - t, 1e-6)))
         live[form] = (sess, calls, [])
         out[form] = {"form": form, "seconds": None, "max_rel_error": err}
     for _ in range(ROUNDS):
@@ -264,9 +267,9 @@ def time_form(form: str, w: np.ndarray, rows: int, threads: int) -> dict[str, An
     return time_forms([form], w, rows, threads)[0]
 
 
-def _timings(forms: list[str], w: np.ndarray, rows: int, threads: int) -> list[dict[str, Any]]:
+def _timings(forms: list[str], w: np.ndarray, rows: int, threads: int, budget: float) -> list[dict[str, Any]]:
     """``time_forms``, each form's time relative to fp32's filled in (a replaced ``time_form``, in tests, is honoured)."""
-    timings = time_forms(forms, w, rows, threads) if time_form is _time_form_default else \
+    timings = time_forms(forms, w, rows, threads, budget) if time_form is _time_form_default else \
         [time_form(f, w, rows, threads) for f in forms]
     fp32 = next(t["seconds"] for t in timings if t["form"] == "fp32")
     for t in timings:
@@ -275,16 +278,18 @@ def _timings(forms: list[str], w: np.ndarray, rows: int, threads: int) -> list[d
     return timings
 
 
-def choose(product: Product, w: np.ndarray, threads: int, forms: list[str] | None = None) -> dict[str, Any]:
-    """Time every candidate form of one product; the fastest that beats fp32 by MIN_GAIN, else fp32.
+def choose(product: Product, w: np.ndarray, threads: int, forms: list[str] | None = None,
+           budget: float = 1.0) -> dict[str, Any]:
+    """Time every candidate form of one product (for ``budget`` x TIME_PER_CANDIDATE seconds each); the
+    fastest that beats fp32 by MIN_GAIN, else fp32.
 
     A product that meets two row counts (``batch_rows``: the scoring graph's per-step products, one row at
     batch 1 and BATCH_ROWS in per-line scoring) is timed at both, and ranked by the geometric mean of its
     two times relative to fp32: 4-bit with int8 compute is the fastest form at one row and the slowest at
     64, int8 close to it at one and 2-3x fp32 at 64 (bench/RESULTS.md)."""
     forms = forms or candidate_forms()
-    timings = _timings(forms, w, product.rows, threads)
-    batch = _timings(forms, w, product.batch_rows, threads) if product.batch_rows else None
+    timings = _timings(forms, w, product.rows, threads, budget)
+    batch = _timings(forms, w, product.batch_rows, threads, budget) if product.batch_rows else None
     relative = {t["form"]: t["relative"] for t in timings if "relative" in t}
     if batch is not None:
         at_batch = {t["form"]: t["relative"] for t in batch if "relative" in t}
@@ -356,14 +361,24 @@ def activation_ranges(step: onnx.ModelProto, states: list[tuple[str, str]], ids:
 # ------------------------------------------------------------------------------ rewriting
 
 
-def apply_forms(model: onnx.ModelProto, forms: dict[str, str], ranges: dict[ContentKey, float]) -> int:
+def apply_forms(model: onnx.ModelProto, forms: dict[str, str], ranges: dict[ContentKey, float], *,
+                one_row_steps: bool = False) -> int:
     """Rewrite every MatMul whose weight has a quantized form in ``forms`` (weight name -> form), in place,
     in the main graph and its Scan bodies. A bias Add that follows (a 1-D initializer of N values) is
     folded into the quantized node, which adds it as it writes its output: the decoder's logits are then
     written once, not read back and rewritten ([rows, 10,000] floats, measured 23 % of batched scoring).
     ``ranges``: each int8 product's activation range, by its weight's content (``activation_ranges``).
+    Int8 products that quantize one tensor alike are then merged into one, and with ``one_row_steps``
+    (a graph that runs one row per step: the advance graph) the Scan bodies' int8 products apply their
+    scales after the product (``export.int8_passes``; both leave every output equal to the bit).
     Returns the number of products rewritten; float32 weights no node uses any more are dropped."""
-    rewritten = sum(_apply_forms(graph, forms, ranges) for graph in reversed(graphs_of(model)))  # innermost first
+    rewritten = 0
+    for graph in reversed(graphs_of(model)):  # innermost first
+        rewritten += _apply_forms(graph, forms, ranges)
+        int8_passes.merge_shared_inputs(graph)
+    if one_row_steps:
+        for body in scan_bodies(model):
+            int8_passes.one_row_scales(body)
     if rewritten and not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return rewritten
@@ -431,15 +446,36 @@ def _bias_adds(graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto]) -> di
 
 
 def plan(models: dict[str, onnx.ModelProto], chunk: int, threads: int, forms: list[str] | None = None) -> list[dict[str, Any]]:
-    """Measure every product of every graph; one row per product with its timings and choice."""
-    rows = []
+    """Measure every product of every graph; one row per product with its timings and choice.
+
+    A product's time depends on its call (graph, shape, rows), not on its weights' values: products that
+    share one (an RHN's per-step matrices, all 256 x 512 at one row) are timed once, for as long as they
+    would have been one by one, and take one form. Timed one by one, three such matrices of one bundle
+    were measured at 0.98x, 1.40x and 1.20x fp32's time at one row and took two forms."""
+    rows: list[dict[str, Any]] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for graph, model in models.items():
             inits = weights(model)
-            for p in find_products(model, graph, chunk):
-                rows.append(choose(p, numpy_helper.to_array(inits[p.weight]), threads, forms))
+            products = find_products(model, graph, chunk)
+            calls = Counter(_call(p) for p in products)
+            timed: dict[tuple[Any, ...], dict[str, Any]] = {}
+            for p in products:
+                if _call(p) in timed:
+                    rows.append(_same_call(timed[_call(p)], p))
+                    continue
+                timed[_call(p)] = choose(p, numpy_helper.to_array(inits[p.weight]), threads, forms, budget=calls[_call(p)])
+                rows.append(timed[_call(p)])
     return rows
+
+
+def _call(p: Product) -> tuple[Any, ...]:
+    return p.graph, p.k, p.n, p.rows, p.batch_rows
+
+
+def _same_call(timed: dict[str, Any], p: Product) -> dict[str, Any]:
+    """``timed``'s row (its measurement, its choice) for another product of the same call."""
+    return {**copy.deepcopy(timed), "weight": p.weight, "uses": p.uses, "timed_with": timed["weight"]}
 
 
 def demote(rows: list[dict[str, Any]], frm: str, to: str, *, graph: str | None = None) -> bool:

@@ -125,8 +125,10 @@ def quantize_bundle(model: LanguageModel, tracer: GraphTracer, graphs: dict[str,
     lm, report, nllq, tq, attempts = _check(model, graphs, rows, ranges, tmp, stage, ids, nll32, max_ppl_rise)
     rises = {g: math.exp(nllq[g] - nll32[g]) - 1 for g in nllq}
     ppl32, pplq = math.exp(nll32["score"]), math.exp(nllq["score"])
-    result = {"mode": mode, "method": "per product by measurement: fp32, int8 (MatMulIntegerToFloat, per-column "
-              "weight scales, one activation scale per product calibrated at export: activation_range), 4-bit "
+    result = {"mode": mode, "method": "per product by measurement, once per call shape: fp32, int8 "
+              "(MatMulIntegerToFloat, per-column weight scales, one activation scale per product calibrated at "
+              "export: activation_range; products of one input merged; in the advance graph's steps the scales "
+              "applied after the product), 4-bit "
               "(MatMulNBits; generation's step graph only), bf16 where onnxruntime has a kernel; then whole "
               "bundles timed where a product's timing alone cannot decide: a plain LSTM layer as a Scan or "
               "ONNX's LSTM operator, the recurrent products in their fastest form at batch 1 or by the "
@@ -309,7 +311,7 @@ def stage_quantized(graphs: dict[str, onnx.ModelProto], rows: list[dict[str, Any
         q.CopyFrom(graph)
         forms = quantize.forms_by_weights(graph, graphs["score"], [r for r in rows if r["graph"] == "score"]) \
             if key == "advance" else {r["weight"]: r["chosen"] for r in rows if r["graph"] == key}
-        quantize.apply_forms(q, forms, ranges)
+        quantize.apply_forms(q, forms, ranges, one_row_steps=key == "advance")
         save_shared(q, tmp / GRAPH_FILES[key])
     stage({})
     try:

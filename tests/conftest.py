@@ -44,3 +44,12 @@ def lstm_bundle(lstm: Built) -> Path:
 def small_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A one-layer LSTM checkpoint: the cheapest model to trace, for exports that are meant to fail."""
     return make_checkpoint(tmp_path_factory.mktemp("small") / "ckpt", "lstm", False, num_layers=1)
+
+
+@pytest.fixture
+def small_products(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let the tiny test models' products count as large, and time each form briefly."""
+    from rnnlm.export import quantize
+
+    monkeypatch.setattr(quantize, "MIN_ELEMENTS", 0)
+    monkeypatch.setattr(quantize, "TIME_PER_CANDIDATE", 0.003)

@@ -25,15 +25,6 @@ V = len(TOKENS)
 # ----------------------------------------------------------------------------------- 5. int8
 
 
-@pytest.fixture
-def small_products(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Let the tiny test models' products count as large, and time each form briefly."""
-    from rnnlm.export import quantize
-
-    monkeypatch.setattr(quantize, "MIN_ELEMENTS", 0)
-    monkeypatch.setattr(quantize, "TIME_PER_CANDIDATE", 0.003)
-
-
 @pytest.mark.usefixtures("small_products")
 @pytest.mark.parametrize("mode", ["auto", "int8"])
 def test_quantized_bundle_is_measured_validated_and_loads(built: Callable[[str, bool], Built], tmp_path: Path,
@@ -339,3 +330,28 @@ def test_a_product_met_at_two_row_counts_is_chosen_for_both(monkeypatch: pytest.
     assert body["speedup"] == pytest.approx(1 / np.sqrt(0.7 * 0.35))
     assert body["batch_rows_per_call"] == quantize.BATCH_ROWS
     assert [c["form"] for c in body["batch_candidates"]] == [c["form"] for c in body["candidates"]]
+
+
+def test_products_of_one_call_are_timed_once_and_take_one_form(built: Callable[[str, bool], Built],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """An RHN's per-step matrices share a call (one shape, one row per step): a noisy timing that would
+    give each its own form (here int8 is fast on every other measurement) gives them one."""
+    from rnnlm.export import quantize
+
+    calls: list[tuple[str, tuple[int, ...], int]] = []
+
+    def alternating(form: str, w: np.ndarray, rows: int, threads: int) -> dict:
+        calls.append((form, w.shape, rows))
+        fast = (sum(1 for f, *_ in calls if f == "int8") - 1) // 2 % 2 == 0  # a pair of calls fast, the next slow
+        return {"form": form, "seconds": {"fp32": 1.0, "int8": 0.5 if fast else 2.0}.get(form, 3.0), "max_rel_error": 0.0}
+
+    monkeypatch.setattr(quantize, "time_form", alternating)
+    monkeypatch.setattr(quantize, "MIN_ELEMENTS", 0)
+    score = onnx.load(str(built("rhn", False).bundle / "score.onnx"))
+    rows = quantize.plan({"score": score}, CHUNK, 1, list(quantize.ROW_EXACT_FORMS))
+    per_step = [r for r in rows if r["rows_per_call"] == 1]
+    assert len(per_step) >= 3 and len({r["weight"] for r in per_step}) == len(per_step)  # layers x depth matrices
+    assert len({tuple(r["shape"]) for r in per_step}) == 1 and len({r["chosen"] for r in per_step}) == 1
+    assert [r.get("timed_with") for r in per_step] == [None] + [per_step[0]["weight"]] * (len(per_step) - 1)
+    timed_shapes = [(shape, n) for f, shape, n in calls if f == "int8"]
+    assert len(timed_shapes) == len(set(timed_shapes))  # each call timed once: at 1 row and at BATCH_ROWS
