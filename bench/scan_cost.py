@@ -10,7 +10,8 @@ exporter's int8 form, ``export.quantize.int8_nodes``: what a quantized bundle ru
 step, best of 3. A step graph of N small nodes and P products costs about loop + N x node + P x
 product: the bound that bench/RESULTS.md's "The 1 MiB prompt, session 5" quotes. "3 int8, scales
 after" is the form the advance graph's bodies take (``export.int8_passes.one_row_scales``): the same
-products with unit scales, then a Mul by the column scales and an Add of the bias (zero here).
+products with unit scales, then a Mul by the column scales and an Add of the bias (zeros here, as
+"3 int8" adds them inside the product).
 """
 
 from __future__ import annotations
@@ -35,10 +36,10 @@ def body(h: int, products: int, elementwise: int, int8: bool) -> tuple[list[Node
     starts = [numpy_helper.from_array(np.array(v), n) for v, n in (([0], "zero"), ([h], "h"), ([1], "axis"))]
     for i in range(products):
         w = (rng.standard_normal((h, 2 * h)) * 0.01).astype(np.float32)
-        if int8:  # the exporter's own int8 form
-            product, weights = int8_nodes(prev, f"g{i}", f"w{i}", w, "", 1.0)
+        if int8:  # the exporter's own int8 form, its bias (zeros) added by the product
+            product, weights = int8_nodes(prev, f"g{i}", f"w{i}", w, f"b{i}", 1.0)
             nodes += product
-            inits += weights
+            inits += [*weights, numpy_helper.from_array(np.zeros(2 * h, np.float32), f"b{i}")]
         else:
             inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(np.zeros(2 * h, np.float32), f"b{i}")]
             nodes.append(helper.make_node("Gemm", [prev, f"w{i}", f"b{i}"], [f"g{i}"]))

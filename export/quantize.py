@@ -50,7 +50,7 @@ BLOCKS = (32, 64, 128)
 ACCURACY_LEVELS = (0, 4)
 TIME_PER_CANDIDATE = 0.15  # seconds of timing per candidate and product, over ROUNDS interleaved rounds
 ROUNDS = 7
-MS_DOMAIN = "com.microsoft"
+MS_DOMAIN = int8_passes.MS_DOMAIN
 # Forms that compute a row alike whatever other rows share its call: float32, and int8 with its fixed
 # activation scale. MatMulNBits's kernels round a row differently alone (M = 1) than among others (by
 # ~1e-6), which a later int8 rounding turns into up to 1e-2 in a log-probability: a quantized LSTM with a
@@ -186,8 +186,7 @@ def int8_nodes(x: str, y: str, weight: str, w: np.ndarray, bias: str,
     names = [f"{weight}.int8", f"{weight}.int8_scale", f"{weight}.act_scale", f"{weight}.act_zero"]
     xq = f"{y}.xq"
     quant = helper.make_node("QuantizeLinear", [x, names[2], names[3]], [xq], name=f"{y}.xq")
-    ins = [xq, names[0], names[2], names[1], names[3], "", bias] if bias else [xq, names[0], names[2], names[1], names[3]]
-    product = helper.make_node("MatMulIntegerToFloat", ins, [y], domain=MS_DOMAIN, name=f"{y}.int8")
+    product = int8_passes.product_node(xq, names[0], names[2], names[1], names[3], bias, y, f"{y}.int8")
     inits = [numpy_helper.from_array(q, names[0]), numpy_helper.from_array(scale, names[1]),
              numpy_helper.from_array(np.array(a_scale, np.float32), names[2]),
              numpy_helper.from_array(np.array(128, np.uint8), names[3])]
@@ -228,18 +227,16 @@ def time_forms(forms: list[str], w: np.ndarray, rows: int, threads: int, budget:
     relative to the first form's in the same rounds, and its error against float64. The forms are timed
     in turn, round after round, so that a change in the machine's load falls on all of them alike, for
     ``budget`` x TIME_PER_CANDIDATE seconds each."""
-    x = np.random.default_rng(0).standard_normal((rows, w.shape[0])).astype(np.float32)
-    ref = x.astype(np.float64) @ w.astype(np.float64)
+    x = _probe(rows, w)
     out: dict[str, dict[str, Any]] = {}
     live: dict[str, tuple[Any, int, list[float]]] = {}
     for form in forms:
         try:
             sess = _session(form, w, threads, float(np.abs(x).max()))
-            y = sess.run(None, {"x": x})[0]
+            err = _rel_error(sess, x, w)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types; the refusal is the measurement
             out[form] = {"form": form, "seconds": None, "unavailable": str(e).splitlines()[0][:160]}
             continue
-        err = float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-30))
         t = time.perf_counter()
         sess.run(None, {"x": x})
         calls = max(1, int(budget * TIME_PER_CANDIDATE / ROUNDS / max(time.perf_counter() - t, 1e-6)))
@@ -260,6 +257,31 @@ def time_forms(forms: list[str], w: np.ndarray, rows: int, threads: int, budget:
             # what ranks them (a load that changes between rounds cancels; min or median alone did not).
             out[form]["relative"] = statistics.median(t / b for t, b in zip(times, base, strict=True))
     return [out[f] for f in forms]
+
+
+def _probe(rows: int, w: np.ndarray) -> np.ndarray:
+    """The input every form of ``w`` is timed and checked on: ``rows`` standard normal rows."""
+    return np.random.default_rng(0).standard_normal((rows, w.shape[0])).astype(np.float32)
+
+
+def _rel_error(sess: Any, x: np.ndarray, w: np.ndarray) -> float:
+    """The largest error of a form's one-node session on ``x``, relative to float64's largest output."""
+    ref = x.astype(np.float64) @ w.astype(np.float64)
+    y = sess.run(None, {"x": x})[0]
+    return float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+
+def form_errors(forms: list[str], w: np.ndarray, rows: int, threads: int) -> dict[str, float]:
+    """Each form's ``max_rel_error`` on ``w`` at ``rows`` rows, as ``time_forms`` records it, without the
+    timing; a form onnxruntime refuses is left out."""
+    x = _probe(rows, w)
+    out = {}
+    for form in forms:
+        try:
+            out[form] = _rel_error(_session(form, w, threads, float(np.abs(x).max())), x, w)
+        except Exception:  # noqa: BLE001, S112 - refused: time_forms records why, for the product it timed
+            continue
+    return out
 
 
 def time_form(form: str, w: np.ndarray, rows: int, threads: int) -> dict[str, Any]:
@@ -377,7 +399,7 @@ def apply_forms(model: onnx.ModelProto, forms: dict[str, str], ranges: dict[Cont
         rewritten += _apply_forms(graph, forms, ranges)
         int8_passes.merge_shared_inputs(graph)
     if one_row_steps:
-        for body in scan_bodies(model):
+        for body in reversed(scan_bodies(model)):  # innermost first, as above
             int8_passes.one_row_scales(body)
     if rewritten and not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
@@ -461,10 +483,11 @@ def plan(models: dict[str, onnx.ModelProto], chunk: int, threads: int, forms: li
             calls = Counter(_call(p) for p in products)
             timed: dict[tuple[Any, ...], dict[str, Any]] = {}
             for p in products:
+                w = numpy_helper.to_array(inits[p.weight])
                 if _call(p) in timed:
-                    rows.append(_same_call(timed[_call(p)], p))
+                    rows.append(_same_call(timed[_call(p)], p, w, threads))
                     continue
-                timed[_call(p)] = choose(p, numpy_helper.to_array(inits[p.weight]), threads, forms, budget=calls[_call(p)])
+                timed[_call(p)] = choose(p, w, threads, forms, budget=calls[_call(p)])
                 rows.append(timed[_call(p)])
     return rows
 
@@ -473,9 +496,16 @@ def _call(p: Product) -> tuple[Any, ...]:
     return p.graph, p.k, p.n, p.rows, p.batch_rows
 
 
-def _same_call(timed: dict[str, Any], p: Product) -> dict[str, Any]:
-    """``timed``'s row (its measurement, its choice) for another product of the same call."""
-    return {**copy.deepcopy(timed), "weight": p.weight, "uses": p.uses, "timed_with": timed["weight"]}
+def _same_call(timed: dict[str, Any], p: Product, w: np.ndarray, threads: int) -> dict[str, Any]:
+    """``timed``'s row (its timings, its choice) for another product of the same call, with the errors
+    of this product's own weights ``w``."""
+    row = {**copy.deepcopy(timed), "weight": p.weight, "uses": p.uses, "timed_with": timed["weight"]}
+    for key, rows in (("candidates", p.rows), ("batch_candidates", p.batch_rows)):
+        measured = [c for c in row.get(key, []) if "max_rel_error" in c]
+        errors = form_errors([c["form"] for c in measured], w, rows or p.rows, threads)
+        for c in measured:
+            c["max_rel_error"] = errors.get(c["form"], c["max_rel_error"])
+    return row
 
 
 def demote(rows: list[dict[str, Any]], frm: str, to: str, *, graph: str | None = None) -> bool:

@@ -6,6 +6,7 @@ to its float32 twin.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -345,7 +346,15 @@ def test_products_of_one_call_are_timed_once_and_take_one_form(built: Callable[[
         fast = (sum(1 for f, *_ in calls if f == "int8") - 1) // 2 % 2 == 0  # a pair of calls fast, the next slow
         return {"form": form, "seconds": {"fp32": 1.0, "int8": 0.5 if fast else 2.0}.get(form, 3.0), "max_rel_error": 0.0}
 
+    budgets: list[float] = []
+    choose = quantize.choose
+
+    def recording(*args: Any, budget: float = 1.0) -> dict:
+        budgets.append(budget)
+        return choose(*args, budget=budget)
+
     monkeypatch.setattr(quantize, "time_form", alternating)
+    monkeypatch.setattr(quantize, "choose", recording)
     monkeypatch.setattr(quantize, "MIN_ELEMENTS", 0)
     score = onnx.load(str(built("rhn", False).bundle / "score.onnx"))
     rows = quantize.plan({"score": score}, CHUNK, 1, list(quantize.ROW_EXACT_FORMS))
@@ -353,5 +362,12 @@ def test_products_of_one_call_are_timed_once_and_take_one_form(built: Callable[[
     assert len(per_step) >= 3 and len({r["weight"] for r in per_step}) == len(per_step)  # layers x depth matrices
     assert len({tuple(r["shape"]) for r in per_step}) == 1 and len({r["chosen"] for r in per_step}) == 1
     assert [r.get("timed_with") for r in per_step] == [None] + [per_step[0]["weight"]] * (len(per_step) - 1)
+    shared = Counter((tuple(r["shape"]), r["rows_per_call"]) for r in rows)  # every call timed once, as long as all its products
+    assert sorted(budgets) == sorted(shared.values()) and len(per_step) in budgets
+    # The timings are shared; each product's errors are its own weights'.
+    inits = quantize.weights(score)
+    for r in per_step[1:]:
+        w = onnx.numpy_helper.to_array(inits[r["weight"]])
+        assert {c["form"]: c["max_rel_error"] for c in r["candidates"]} == quantize.form_errors(["fp32", "int8"], w, 1, 1)
     timed_shapes = [(shape, n) for f, shape, n in calls if f == "int8"]
     assert len(timed_shapes) == len(set(timed_shapes))  # each call timed once: at 1 row and at BATCH_ROWS
