@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from cold_start import score_one_line
 from rnnlm.export import export_bundle
-from rnnlm.export.quantize import one_node_model
+from rnnlm.export.form_timing import one_node_model
 from rnnlm.serve import LanguageModel as OrtLM
 
 from rnnlm.checkpoint import load_model_dir

@@ -4,7 +4,7 @@ before it is written.
 
 1. Activation ranges: the float32 step graph is stepped over the perplexity text; each product's
    largest |input| fixes its int8 activation scale (``quantize.activation_ranges``).
-2. The products' forms, each timed alone in every candidate form (``quantize.plan``).
+2. The products' forms, each timed alone in every candidate form (``form_timing.plan``).
 3. The layout: what a product's own timing cannot decide is decided by timing whole bundles. A
    plain LSTM layer runs either as a Scan over its step, whose recurrent product can be quantized,
    or as ONNX's LSTM operator: float32, but the whole loop in one onnxruntime kernel, without a
@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
-from rnnlm.export import quantize, recurrence
+from rnnlm.export import form_timing, quantize, recurrence
 from rnnlm.export.graphs import state_layout
 from rnnlm.export.tracing import GRAPH_FILES, GraphTracer, save_shared
 from rnnlm.export.validate import Report, ValidationError, load_staged, validate
@@ -147,11 +147,11 @@ def quantize_bundle(model: LanguageModel, tracer: GraphTracer, graphs: dict[str,
 
 def _plan(graphs: dict[str, onnx.ModelProto], mode: str, chunk: int, threads: int,
           ranges: dict[quantize.ContentKey, float]) -> list[dict[str, Any]]:
-    """``quantize.plan``'s rows for ``graphs``, each with its calibrated activation range; in ``int8``
+    """``form_timing.plan``'s rows for ``graphs``, each with its calibrated activation range; in ``int8``
     mode every product int8, as asked (the measurement is still recorded). The scoring graph's products
     take only ``quantize.ROW_EXACT_FORMS``, so that a sentence scores alike alone and in any batch."""
     auto = "step" in graphs and mode == "auto"
-    rows = quantize.plan(graphs, chunk, threads, None if auto else list(quantize.ROW_EXACT_FORMS))
+    rows = form_timing.plan(graphs, chunk, threads, None if auto else list(quantize.ROW_EXACT_FORMS))
     for r in rows:
         if mode == "int8":
             r["chosen"] = "int8"
@@ -165,7 +165,7 @@ class Variant:
 
     name: str
     recurrence: str  # SCAN or ONNX_LSTM, for plain LSTM layers
-    per_step: str  # the Scan's per-step products: "plan" (quantize.choose) or "batch-1" (fastest at one row)
+    per_step: str  # the Scan's per-step products: "plan" (form_timing.choose) or "batch-1" (fastest at one row)
     graphs: dict[str, onnx.ModelProto]
     rows: list[dict[str, Any]]
 
@@ -198,14 +198,14 @@ def _variants(model: LanguageModel, tracer: GraphTracer, graphs: dict[str, onnx.
 
 def _batch1_forms(plan: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
     """``plan`` with each per-step product of the scoring graph in its fastest form at one row (where that
-    beats fp32 by quantize.MIN_GAIN), or None where that changes nothing."""
+    beats fp32 by form_timing.MIN_GAIN), or None where that changes nothing."""
     rows, changed = copy.deepcopy(plan), False
     for r in rows:
         if r["graph"] != "score" or "batch_candidates" not in r:
             continue
         timed = [c for c in r["candidates"] if c.get("relative") is not None]
         fastest = min(timed, key=lambda c: c["relative"])
-        form = fastest["form"] if fastest["relative"] * quantize.MIN_GAIN <= 1.0 else "fp32"
+        form = fastest["form"] if fastest["relative"] * form_timing.MIN_GAIN <= 1.0 else "fp32"
         if form != r["chosen"]:
             r["chosen"], r["chosen_for"], changed = form, "batch 1", True
     return rows if changed else None

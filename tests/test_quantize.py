@@ -16,6 +16,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from bundles import BUNDLE_FILES, CHUNK, TOKENS, Built, export, file_sha256, read_manifest, tree
+from rnnlm.export import form_timing
 from rnnlm.export.passes import graphs_of
 
 from rnnlm.errors import RnnlmError
@@ -117,10 +118,10 @@ def test_the_layout_is_chosen_by_timing_whole_bundles(built: Callable[[str, bool
     fastest form at one row; the layer as ONNX's LSTM operator) and times each at batch 1, on lines and
     reading a prompt; the fastest (here made so by scaling the real measurement) is what the bundle's
     graphs hold, and it passes the same checks: perplexity, PyTorch, batch independence, the advance graph."""
-    from rnnlm.export import quantize, quantized_bundle
+    from rnnlm.export import quantized_bundle
     from rnnlm.serve import LanguageModel as Runtime
 
-    monkeypatch.setattr(quantize, "time_form", _one_row_favours_fp32)  # so that the batch-1 layout differs
+    monkeypatch.setattr(form_timing, "time_form", _one_row_favours_fp32)  # so that the batch-1 layout differs
     measure = quantized_bundle.time_variants
     measured: list[list[dict]] = []
 
@@ -181,7 +182,7 @@ def test_other_cells_and_int8_say_why_they_have_one_layout(built: Callable[[str,
     from rnnlm.export import quantize
 
     monkeypatch.setattr(quantize, "MIN_ELEMENTS", 0)
-    monkeypatch.setattr(quantize, "time_form", _fake_timings)  # 4-bit fastest at every row count
+    monkeypatch.setattr(form_timing, "time_form", _fake_timings)  # 4-bit fastest at every row count
     export(built("lstm", False).checkpoint, tmp_path / "i", quantize="int8")
     export(built("rhn", False).checkpoint, tmp_path / "r", quantize="auto")
     i, r = (read_manifest(tmp_path / d)["quantization"]["layout"] for d in ("i", "r"))
@@ -249,7 +250,7 @@ def test_a_quantization_that_costs_accuracy_is_demoted_then_refused(small_ckpt: 
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from rnnlm.export import quantize
 
-    monkeypatch.setattr(quantize, "time_form", _fake_timings)
+    monkeypatch.setattr(form_timing, "time_form", _fake_timings)
     nbits4 = quantize.nbits4_weights
     monkeypatch.setattr(quantize, "nbits4_weights", lambda w, block: nbits4(w * 50.0, block))  # a broken 4-bit form
     out = tmp_path / "q"
@@ -279,7 +280,7 @@ def test_each_quantized_form_computes_the_product(form: str) -> None:
     rng = np.random.default_rng(3)
     w = rng.standard_normal((256, 300)).astype(np.float32) * 0.1
     x = rng.standard_normal((5, 256)).astype(np.float32)
-    sess = ort.InferenceSession(quantize.one_node_model(form, w, float(np.abs(x).max())), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(form_timing.one_node_model(form, w, float(np.abs(x).max())), providers=["CPUExecutionProvider"])
     y = sess.run(None, {"x": x})[0]
     # A row's product does not depend on the rows that share its call: int8's fixed activation scale makes
     # it the same to the bit; the others' differ by float summation order alone (a one-row call is a GEMV).
@@ -322,11 +323,11 @@ def test_a_product_met_at_two_row_counts_is_chosen_for_both(monkeypatch: pytest.
         seconds = {"fp32": 1.0, "int8": 0.7 if rows == 1 else 0.35, "nbits4-b32-a4": 0.5 if rows == 1 else 1.6}
         return {"form": form, "seconds": seconds.get(form, 3.0) * 1e-4, "max_rel_error": 0.0}
 
-    monkeypatch.setattr(quantize, "time_form", fake)
+    monkeypatch.setattr(form_timing, "time_form", fake)
     w = np.zeros((4, 8), np.float32)
-    step = quantize.choose(quantize.Product("step", "w", 4, 8, 1, 1), w, 1)
+    step = form_timing.choose(quantize.Product("step", "w", 4, 8, 1, 1), w, 1)
     assert step["chosen"] == "nbits4-b32-a4" and "batch_candidates" not in step
-    body = quantize.choose(quantize.Product("score", "w", 4, 8, 1, 1, quantize.BATCH_ROWS), w, 1)
+    body = form_timing.choose(quantize.Product("score", "w", 4, 8, 1, 1, quantize.BATCH_ROWS), w, 1)
     assert body["chosen"] == "int8"  # sqrt(0.7 * 0.35) = 0.49 against sqrt(0.5 * 1.6) = 0.89
     assert body["speedup"] == pytest.approx(1 / np.sqrt(0.7 * 0.35))
     assert body["batch_rows_per_call"] == quantize.BATCH_ROWS
@@ -347,17 +348,17 @@ def test_products_of_one_call_are_timed_once_and_take_one_form(built: Callable[[
         return {"form": form, "seconds": {"fp32": 1.0, "int8": 0.5 if fast else 2.0}.get(form, 3.0), "max_rel_error": 0.0}
 
     budgets: list[float] = []
-    choose = quantize.choose
+    choose = form_timing.choose
 
     def recording(*args: Any, budget: float = 1.0) -> dict:
         budgets.append(budget)
         return choose(*args, budget=budget)
 
-    monkeypatch.setattr(quantize, "time_form", alternating)
-    monkeypatch.setattr(quantize, "choose", recording)
+    monkeypatch.setattr(form_timing, "time_form", alternating)
+    monkeypatch.setattr(form_timing, "choose", recording)
     monkeypatch.setattr(quantize, "MIN_ELEMENTS", 0)
     score = onnx.load(str(built("rhn", False).bundle / "score.onnx"))
-    rows = quantize.plan({"score": score}, CHUNK, 1, list(quantize.ROW_EXACT_FORMS))
+    rows = form_timing.plan({"score": score}, CHUNK, 1, list(quantize.ROW_EXACT_FORMS))
     per_step = [r for r in rows if r["rows_per_call"] == 1]
     assert len(per_step) >= 3 and len({r["weight"] for r in per_step}) == len(per_step)  # layers x depth matrices
     assert len({tuple(r["shape"]) for r in per_step}) == 1 and len({r["chosen"] for r in per_step}) == 1
@@ -368,6 +369,6 @@ def test_products_of_one_call_are_timed_once_and_take_one_form(built: Callable[[
     inits = quantize.weights(score)
     for r in per_step[1:]:
         w = onnx.numpy_helper.to_array(inits[r["weight"]])
-        assert {c["form"]: c["max_rel_error"] for c in r["candidates"]} == quantize.form_errors(["fp32", "int8"], w, 1, 1)
+        assert {c["form"]: c["max_rel_error"] for c in r["candidates"]} == form_timing.form_errors(["fp32", "int8"], w, 1, 1)
     timed_shapes = [(shape, n) for f, shape, n in calls if f == "int8"]
     assert len(timed_shapes) == len(set(timed_shapes))  # each call timed once: at 1 row and at BATCH_ROWS
